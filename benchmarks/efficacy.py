@@ -38,6 +38,7 @@ import trl_diffusion
 from trl_diffusion import METHODS
 from trl_diffusion.evaluation import evaluate_preference, saturation_scorer
 from trl_diffusion.synthetic import (
+    GUIDANCE_SCALE,
     HELD_OUT_COLOURS,
     SIZE,
     TRAIN_COLOURS,
@@ -109,7 +110,13 @@ def evaluate(base: StableDiffusionPipeline, adapter: str, scorer, num_eval_seeds
     for split, colours in (("", TRAIN_COLOURS), ("heldout_", HELD_OUT_COLOURS)):
         seeds = list(range(10_000, 10_000 + num_eval_seeds))
         result = evaluate_preference(
-            base, [caption(c) for c in colours], scorer, lora=adapter, seeds=seeds, num_inference_steps=20
+            base,
+            [caption(c) for c in colours],
+            scorer,
+            lora=adapter,
+            seeds=seeds,
+            num_inference_steps=20,
+            guidance_scale=GUIDANCE_SCALE,
         )
         record.update(
             {
