@@ -1,77 +1,94 @@
-"""A few-minute CPU demo: align a tiny text-to-image model with a preference for saturated colours.
+"""A few-minute CPU demo: align a tiny text-to-image model with a preference no prompt mentions.
 
-1. Pre-train a tiny Stable Diffusion model on captioned squares ("a teal square"), or reuse the cached one. It follows
-   its prompt loosely and makes squares of every saturation (see `trl_diffusion.synthetic`).
-2. Self-generate preference pairs from it and label each by the true reward, saturation, which no prompt mentions.
-3. Train `DiffusionDPOTrainer` with LoRA on the pairs.
+1. Pre-train a tiny Stable Diffusion model from scratch on captioned pictures of a square ("a teal square"), or reuse
+   the one cached for the same seed. It follows its prompt loosely and makes squares of every saturation, brightness,
+   size and position (see `trl_diffusion.synthetic`).
+2. Self-generate preference pairs from it and label each by the true reward (``--reward``: saturation by default).
+   Every pair matches an image from the upper half of its caption's images, by reward, with one from the lower half.
+3. Train `DiffusionDPOTrainer` (or ``--method mapo|adaptive``) with LoRA on the pairs.
 4. Generate with unseen seeds from the base model and from base + LoRA, and report the win rate of the tuned images
-   by the true reward, with a before/after image grid.
+   by the true reward, the mean gain with its 95% bootstrap interval, and a before/after image grid.
 
-Run it with `make demo`, or `python examples/demo.py --output_dir demo_output [--method mapo]`.
+The demo exits with status 1 when it shows no effect: when the interval of the mean gain is not above 0.
+
+Run it with `make demo`, or `python examples/demo.py --output_dir demo_output [--reward size] [--seed 3]`.
 """
 
 import argparse
 import os
+import sys
 import time
 
 import diffusers
+import numpy as np
 import torch
 import transformers
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
 from trl_diffusion import METHODS
-from trl_diffusion.evaluation import evaluate_preference, image_grid, saturation_scorer
-from trl_diffusion.synthetic import SIZE, TRAIN_COLOURS, caption, pretrain_base_model, self_generated_pairs
+from trl_diffusion.evaluation import PreferenceEvaluation, evaluate_preference, image_grid
+from trl_diffusion.synthetic import (
+    GUIDANCE_SCALE,
+    REWARDS,
+    SIZE,
+    TRAIN_COLOURS,
+    caption,
+    get_reward,
+    pretrain_base_model,
+    self_generated_pairs,
+)
 
 
-def main() -> None:
+# The attention projections (the family's default) and the ResNet convolutions: a prompt-independent property such as
+# colour or size is made by the convolutions as much as by attention.
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="demo_output")
     parser.add_argument("--method", choices=list(METHODS), default="dpo")
+    parser.add_argument(
+        "--reward",
+        default="saturation",
+        help=f"The true reward: one of {', '.join(REWARDS)}; a leading '-' prefers the opposite (--reward=-size).",
+    )
     parser.add_argument("--num_pairs", type=int, default=512)
     parser.add_argument("--max_steps", type=int, default=300)
-    parser.add_argument("--num_eval_seeds", type=int, default=8, help="Unseen seeds per prompt for the evaluation.")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    torch.set_num_threads(1)  # the tiny model gains nothing from intra-op threads
-    diffusers.utils.logging.set_verbosity_error()
-    diffusers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
-    start = time.time()
+    parser.add_argument("--learning_rate", type=float, default=1e-3)
+    parser.add_argument("--beta", type=float, default=500.0, help="The method's beta (MaPO: its own default).")
+    parser.add_argument("--pretrain_steps", type=int, default=600)
+    parser.add_argument("--num_eval_seeds", type=int, default=16, help="Unseen seeds per prompt for the evaluation.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the pre-training, the pairs and the LoRA.")
+    args = parser.parse_args(argv)
+    get_reward(args.reward)  # fail now, with the list of rewards, rather than after pre-training
+    return args
 
-    base_path = os.path.join(args.output_dir, "base-model")
-    print(f"[1/4] Pre-training a tiny text-to-image model on captioned squares (cached in {base_path}) ...")
-    pretrain_base_model(base_path, seed=args.seed)
-    base = StableDiffusionPipeline.from_pretrained(base_path)
-    base.set_progress_bar_config(disable=True)
-    print(f"      ({time.time() - start:.0f} s)")
 
-    print(f"[2/4] Self-generating {args.num_pairs} pairs from it, the more saturated image preferred ...")
-    dataset = self_generated_pairs(base, args.num_pairs, seed=args.seed)
-    print(f"      ({time.time() - start:.0f} s)")
-
+def train(args: argparse.Namespace, base_path: str, dataset) -> str:
+    """Train the chosen method with LoRA on ``dataset``; print its loss and preference accuracy; return the adapter."""
     trainer_class, config_class = METHODS[args.method]
+    method_options = {} if args.method == "mapo" else {"beta": args.beta}
     adapter_path = os.path.join(args.output_dir, f"{args.method}-lora")
-    print(f"[3/4] Training {trainer_class.__name__} with LoRA for {args.max_steps} steps ...")
     trainer = trainer_class(
         model=base_path,
         args=config_class(
             output_dir=adapter_path,
-            learning_rate=3e-4,
+            learning_rate=args.learning_rate,
             per_device_train_batch_size=16,
             max_steps=args.max_steps,
             logging_steps=max(1, args.max_steps // 6),
             resolution=SIZE,
-            random_flip=True,
             dataloader_num_workers=0,
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
             seed=args.seed,
+            **method_options,
         ),
         train_dataset=dataset,
-        peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
+        peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=LORA_TARGETS),
     )
     trainer.train()
     trainer.save_model()
@@ -80,28 +97,81 @@ def main() -> None:
     for entry in trainer.state.log_history:
         if "loss" in entry:
             print(f"      {entry['step']:>4}   {entry['loss']:.4f}  {entry[accuracy_key]:.3f}")
+    return adapter_path
+
+
+def report(args: argparse.Namespace, result: PreferenceEvaluation, adapter_path: str) -> bool:
+    """Print the figures and write the grid; return whether the effect is real (interval of the gain above 0)."""
+    base_mean = np.mean([row["base_score"] for row in result.rows])
+    tuned_mean = np.mean([row["tuned_score"] for row in result.rows])
+    grid_path = os.path.join(args.output_dir, "before_after.png")
+    # Sixteen different (prompt, seed) pairs, every prompt twice: top row base, bottom row base + LoRA.
+    num_prompts = len(result.rows) // args.num_eval_seeds
+    shown = [(k % num_prompts) * args.num_eval_seeds + k % args.num_eval_seeds for k in range(16)]
+    rows = [[result.base_images[i] for i in shown], [result.tuned_images[i] for i in shown]]
+    image_grid(rows, scale=4).save(grid_path)
+    print(f"\nTrue reward ({args.reward}) of generated images: {base_mean:.3f} before -> {tuned_mean:.3f} after")
+    print(
+        f"Win rate of base + LoRA over the base model, same prompts and seeds: {result.win_rate:.0%} "
+        f"({len(result.rows)} images; 50% = no change; mean gain {result.mean_difference:+.3f}, 95% CI "
+        f"[{result.ci_low:+.3f}, {result.ci_high:+.3f}])"
+    )
+    print(f"LoRA adapter and model card: {adapter_path}")
+    print(f"Image grid (top: base, bottom: base + LoRA): {grid_path}")
+    return result.ci_low > 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(1)  # the tiny model gains nothing from intra-op threads
+    diffusers.utils.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+    start, cpu_start = time.time(), time.process_time()
+    reward = get_reward(args.reward)
+
+    base_path = os.path.join(args.output_dir, f"base-model-seed{args.seed}")
+    print(f"[1/4] Pre-training a tiny text-to-image model on captioned squares (cached in {base_path}) ...")
+    pretrain_base_model(base_path, steps=args.pretrain_steps, seed=args.seed)
+    base = StableDiffusionPipeline.from_pretrained(base_path)
+    base.set_progress_bar_config(disable=True)
+    print(f"      ({time.time() - start:.0f} s)")
+
+    print(f"[2/4] Self-generating {args.num_pairs} pairs from it, labelled by the true reward ({args.reward}) ...")
+    dataset = self_generated_pairs(base, args.num_pairs, seed=args.seed, reward=reward)
+    gaps = np.abs(np.asarray(dataset["reward_0"]) - np.asarray(dataset["reward_1"]))
+    print(
+        f"      mean reward gap of a pair {gaps.mean():.3f} (smallest {gaps.min():.3f}) ({time.time() - start:.0f} s)"
+    )
+
+    print(f"[3/4] Training {METHODS[args.method][0].__name__} with LoRA for {args.max_steps} steps ...")
+    adapter_path = train(args, base_path, dataset)
     print(f"      ({time.time() - start:.0f} s)")
 
     print("[4/4] Generating with unseen seeds from the base model and from base + LoRA ...")
     prompts = [caption(colour) for colour in TRAIN_COLOURS]
     seeds = list(range(10_000, 10_000 + args.num_eval_seeds))
     result = evaluate_preference(
-        base, prompts, saturation_scorer, lora=adapter_path, seeds=seeds, num_inference_steps=20
+        base,
+        prompts,
+        reward,
+        lora=adapter_path,
+        seeds=seeds,
+        batch_size=64,
+        num_inference_steps=20,
+        guidance_scale=GUIDANCE_SCALE,
     )
-    base_mean = sum(row["base_score"] for row in result.rows) / len(result.rows)
-    tuned_mean = sum(row["tuned_score"] for row in result.rows) / len(result.rows)
-    grid_path = os.path.join(args.output_dir, "before_after.png")
-    image_grid([result.base_images[::4][:16], result.tuned_images[::4][:16]], scale=4).save(grid_path)
-    print(f"\nSaturation (the true reward) of generated images: {base_mean:.3f} before -> {tuned_mean:.3f} after")
-    print(
-        f"Win rate of base + LoRA over the base model, same prompts and seeds: {result.win_rate:.0%} "
-        f"({len(result.rows)} images; 50% = no change; 95% CI of the mean gain "
-        f"[{result.ci_low:+.3f}, {result.ci_high:+.3f}])"
-    )
-    print(f"LoRA adapter and model card: {adapter_path}")
-    print(f"Image grid (top: base, bottom: base + LoRA): {grid_path}")
-    print(f"Total time: {time.time() - start:.0f} s")
+    effect = report(args, result, adapter_path)
+    print(f"Total time: {time.time() - start:.0f} s wall, {time.process_time() - cpu_start:.0f} s CPU")
+    if not effect:
+        print(
+            f"NO EFFECT: the 95% interval of the mean {args.reward} gain, [{result.ci_low:+.3f}, "
+            f"{result.ci_high:+.3f}], is not above 0, so base + LoRA is not shown to beat the base model.",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
