@@ -323,13 +323,33 @@ _MISTRAL_TEMPLATE = (
     "{% if m['role'] == 'system' %}[SYSTEM_PROMPT]{{ part['text'] }}[/SYSTEM_PROMPT]"
     "{% else %}[INST]{{ part['text'] }}[/INST]{% endif %}{% endfor %}{% endfor %}"
 )
-_CHATML_SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
-_MISTRAL_SPECIALS = ("<unk>", "<s>", "</s>", "<pad>", "[INST]", "[/INST]", "[SYSTEM_PROMPT]", "[/SYSTEM_PROMPT]", "[IMG]")
+_CHATML_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+)
+_MISTRAL_SPECIALS = (
+    "<unk>",
+    "<s>",
+    "</s>",
+    "<pad>",
+    "[INST]",
+    "[/INST]",
+    "[SYSTEM_PROMPT]",
+    "[/SYSTEM_PROMPT]",
+    "[IMG]",
+)
 
 
-def build_tiny_chat_tokenizer(save_directory: str, mistral: bool = False, model_max_length: int = 64):
+def build_tiny_chat_tokenizer(save_directory: str, mistral: bool = False, model_max_length: int = 256):
     """A byte-level BPE tokenizer with no merges (one token per byte) and a chat template: Qwen's ChatML (Qwen2.5-VL,
-    Qwen3), or with ``mistral`` Mistral's instruction format. Built from a vocabulary, so nothing is downloaded."""
+    Qwen3), or with ``mistral`` Mistral's instruction format. Built from a vocabulary, so nothing is downloaded.
+
+    Its ``model_max_length`` (256) caps the families' prompt length: long enough for the byte-level tokens of the
+    pipelines' system prompts (Flux.2 dev's, Qwen-Image's template) and a caption."""
     from transformers import Qwen2Tokenizer
 
     os.makedirs(save_directory, exist_ok=True)

@@ -52,7 +52,7 @@ class Flux2Family(ResolutionShiftMixin, FlowMatchingFamily):
 
     Prompt conditioning, as ``encode_prompt`` builds it: the chat-formatted prompt (Flux.2 dev: with the pipeline's
     system message; klein: the Qwen3 chat template with thinking off), padded to ``max_sequence_length`` tokens
-    (default 512), and the hidden states of three text-encoder layers (dev: 10, 20, 30; klein: 9, 18, 27) stacked on
+    (default 512, the pipeline's, capped at the tokenizer's ``model_max_length``), and the hidden states of three text-encoder layers (dev: 10, 20, 30; klein: 9, 18, 27) stacked on
     the feature axis: ``(B, L, 3·D)``. The padding is not masked, as in the pipelines.
 
     Latents: the VAE's posterior mode, patchified 2x2 into ``4C`` channels and normalised by the VAE's batch-norm
@@ -94,15 +94,19 @@ class Flux2Family(ResolutionShiftMixin, FlowMatchingFamily):
             )
         texts = [
             tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True, enable_thinking=False
+                [{"role": "user", "content": prompt}],
+                tokenize=False,
+                add_generation_prompt=True,
+                enable_thinking=False,
             )
             for prompt in prompts
         ]
         return tokenizer(texts, return_tensors="pt", padding="max_length", truncation=True, max_length=length)
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        text_encoder = self.pipeline.text_encoder
-        tokens = self._token_ids(prompts, self.max_sequence_length(None))
+        text_encoder, tokenizer = self.pipeline.text_encoder, self.pipeline.tokenizer
+        # Flux.2 dev's tokenizer is a processor: its text tokenizer caps the length
+        tokens = self._token_ids(prompts, self.max_sequence_length(getattr(tokenizer, "tokenizer", tokenizer)))
         output = text_encoder(
             input_ids=tokens["input_ids"].to(text_encoder.device),
             attention_mask=tokens["attention_mask"].to(text_encoder.device),

@@ -14,7 +14,7 @@ class QwenImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
     ``prompt_template_encode``, tokenised (padded to the longest prompt of the batch, at most
     ``tokenizer_max_length + prompt_template_encode_start_idx`` tokens), Qwen2.5-VL's last hidden states of the
     unpadded tokens, less the first ``prompt_template_encode_start_idx`` (the template's system prompt), truncated to
-    ``max_sequence_length`` (default 512). To give every prompt the same shape (for batching and the encoding cache),
+    ``max_sequence_length`` (default 512, capped at the tokenizer's ``model_max_length``). To give every prompt the same shape (for batching and the encoding cache),
     the embeddings are then zero-padded to ``max_sequence_length`` and ``encoder_hidden_states_mask`` marks the real
     tokens; the transformer attends to those only, and the padding changes no text token's rotary position.
 
@@ -49,7 +49,7 @@ class QwenImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
         hidden_states = text_encoder(
             input_ids=tokens.input_ids, attention_mask=tokens.attention_mask, output_hidden_states=True
         ).hidden_states[-1]
-        length = self.max_sequence_length(None)
+        length = self.max_sequence_length(pipeline.tokenizer)
         embeds = hidden_states.new_zeros(len(prompts), length, hidden_states.shape[-1])
         mask = torch.zeros(len(prompts), length, dtype=torch.long, device=hidden_states.device)
         for row, (states, row_mask) in enumerate(zip(hidden_states, tokens.attention_mask.bool(), strict=True)):

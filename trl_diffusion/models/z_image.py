@@ -3,24 +3,26 @@
 import torch
 
 from .flow_matching import FlowMatchingFamily
+from .resolution_shift import ResolutionShiftMixin
 
 
-class ZImageFamily(FlowMatchingFamily):
+class ZImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
     """Z-Image and Z-Image-Turbo (``ZImagePipeline``), trained with flow matching.
 
     Prompt conditioning, as ``ZImagePipeline.encode_prompt`` builds it: each prompt in the tokenizer's chat template
-    (generation prompt, thinking on), padded to ``max_sequence_length`` tokens (default 512, the pipeline's), and
+    (generation prompt, thinking on), padded to ``max_sequence_length`` tokens (default 512, the pipeline's, capped at the tokenizer's
+    ``model_max_length``), and
     the text encoder's penultimate hidden states. The pipeline keeps each prompt's unpadded rows as a list; here they
     stay in one ``(B, L, D)`` tensor (padding rows zeroed) with ``prompt_mask``, and [`predict`] hands the
     transformer the unpadded rows, as the pipeline does.
 
     The transformer's conventions differ from the other flow-matching families: its time input is ``1 − σ`` and it
     predicts ``x_0 − ε``, the negative of the velocity ``v = ε − x_0`` (the pipeline negates it before the Euler
-    step). [`predict`] feeds ``1 − σ`` and returns the negated output, so the target is ``v`` as for SD3 and Flux.
+    step). [`predict`] feeds ``(T − t)/T = 1 − σ`` and returns the negated output, so the target is ``v`` as for SD3 and Flux.
 
     Latents: ``z = (mean − shift_factor)·scaling_factor`` of the (Flux.1) VAE, one-frame ``(C, 1, H, W)`` inputs to
     the transformer, which patchifies them 2x2. Noise levels: the flow-matching density, then the scheduler's static
-    ``shift`` (Z-Image-Turbo: 3.0).
+    ``shift`` (Z-Image-Turbo: 3.0), or a resolution shift if a checkpoint's scheduler has ``use_dynamic_shifting``.
     """
 
     pipeline_class_names = ("ZImagePipeline",)
@@ -41,7 +43,7 @@ class ZImageFamily(FlowMatchingFamily):
         tokens = tokenizer(
             texts,
             padding="max_length",
-            max_length=self.max_sequence_length(None),
+            max_length=self.max_sequence_length(tokenizer),
             truncation=True,
             return_tensors="pt",
         )
@@ -57,7 +59,7 @@ class ZImageFamily(FlowMatchingFamily):
         captions = [embeds[row_mask] for embeds, row_mask in zip(conditioning["prompt_embeds"], mask, strict=True)]
         output = denoiser(
             list(noisy_latents.unsqueeze(2).unbind(0)),
-            (1 - self.sigmas(timesteps)).to(noisy_latents.dtype),
+            ((self.num_train_timesteps - timesteps.float()) / self.num_train_timesteps).to(noisy_latents.dtype),
             captions,
             return_dict=False,
         )[0]
