@@ -78,7 +78,7 @@ class ValidationImagesCallback(TrainerCallback):
                 for index, prompt in enumerate(self.prompts):
                     generator = torch.Generator().manual_seed(self.seed + index)
                     output = pipeline(
-                        prompt,
+                        prompt=prompt,
                         height=size,
                         width=size,
                         generator=generator,
