@@ -375,7 +375,9 @@ def test_lora_training_saves_an_adapter_the_pipeline_loads(model_fixture, method
     assert np.abs(generate(pipeline) - without_lora).max() > 1e-5
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_sd3", "tiny_flux"])
+@pytest.mark.parametrize(
+    "model_fixture", ["tiny_sd3", "tiny_flux", "tiny_flux2", "tiny_flux2_klein", "tiny_qwen_image", "tiny_z_image"]
+)
 def test_flow_families_train_in_bf16(model_fixture, request, tmp_path):
     args = make_args(tmp_path, MaPOConfig, bf16=True, use_cpu=True, max_steps=1, epsilon_equivalent_errors=True)
     trainer = MaPOTrainer(
