@@ -53,6 +53,11 @@ class DiffusionPreferenceConfig(_BaseConfig):
             Images the VAE encodes at once; lower it to save memory at large resolutions.
         timestep_buckets (`int`, *optional*, defaults to `4`):
             Number of equal timestep ranges over which the preference accuracy is also logged.
+        skip_nonfinite_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps with a non-finite loss, error or gradient that may be skipped (the update is dropped,
+            and `nonfinite/skipped_steps` is logged) before training stops with a `NonFiniteError`. `0` stops at
+            the first one. The logged loss is the mean over the finite micro-batches (`nan` if none). The fp16
+            `GradScaler`'s own overflow skips are not counted.
         activation_checkpointing (`bool`, *optional*, defaults to `False`):
             Enable the denoiser's own gradient checkpointing (`enable_gradient_checkpointing()`), trading compute
             for memory. `gradient_checkpointing` is accepted as an alias, as in transformers.
@@ -165,6 +170,10 @@ class DiffusionPreferenceConfig(_BaseConfig):
     timestep_buckets: int = field(
         default=4, metadata={"help": "Number of timestep ranges over which accuracy is also logged."}
     )
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={"help": "Non-finite optimizer steps to skip (counted in the logs) before training stops; 0: stop."},
+    )
     # TRL turns checkpointing on by default; a diffusion denoiser trains without it unless memory is short, so the
     # transformers default (off) is restored. Either `activation_checkpointing` or its alias enables it.
     gradient_checkpointing: bool | None = field(
@@ -267,6 +276,8 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"image_columns must name exactly two columns, got {self.image_columns}.")
         if self.timestep_buckets < 1:
             raise ValueError(f"timestep_buckets must be at least 1, got {self.timestep_buckets}.")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"skip_nonfinite_steps must be at least 0, got {self.skip_nonfinite_steps}.")
         if self.vae_encode_batch_size < 1:
             raise ValueError(f"vae_encode_batch_size must be at least 1, got {self.vae_encode_batch_size}.")
         if self.weighting_scheme not in FLOW_TIMESTEP_DENSITIES:
