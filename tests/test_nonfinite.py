@@ -71,7 +71,7 @@ def test_a_nan_in_one_reference_error_names_step_term_and_row(tiny_sd, tmp_path)
         trainer.train()
     (row,) = poisoned
     message = str(raised.value)
-    assert f"optimizer step 2: loss non-finite for dataset rows" in message
+    assert "optimizer step 2: loss non-finite for dataset rows" in message
     assert f"reference errors non-finite for dataset rows [{row}]" in message
     assert "policy errors" not in message  # the policy's own errors stayed finite
     assert "batch rows [" in message and "Training stopped before this update was applied" in message

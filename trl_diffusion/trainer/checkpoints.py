@@ -129,7 +129,9 @@ def resolve_resume_checkpoint(resume_from_checkpoint: str | bool | None, output_
         return path
     complete = complete_checkpoints(os.path.dirname(os.path.abspath(path)))
     suggestion = f" The last complete checkpoint beside it is {complete[-1]}." if complete else ""
-    message = f"Cannot resume from {path}: {problem}.{suggestion} resume_from_checkpoint=True picks the last complete one."
+    message = (
+        f"Cannot resume from {path}: {problem}.{suggestion} resume_from_checkpoint=True picks the last complete one."
+    )
     if not os.path.exists(path):
         raise FileNotFoundError(message)
     raise ValueError(message)
