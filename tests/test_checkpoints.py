@@ -58,7 +58,9 @@ def _assert_same(expected: dict, actual: dict):
 @pytest.mark.parametrize(
     ("method", "peft"), [("dpo", True), ("dpo", False), ("adaptive", True)], ids=["lora", "full", "adaptive-lora"]
 )
-def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_weights(method, peft, tiny_sd, dataset_dir, tmp_path):
+def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_weights(
+    method, peft, tiny_sd, dataset_dir, tmp_path
+):
     kill_step = random.Random(f"{method}-{peft}-{time.time()}").randint(1, resumable.MAX_STEPS - 1)
     print(f"killing at step {kill_step}")
     killed = _child(method, tiny_sd, dataset_dir, tmp_path / "run", *([] if peft else ["--full"]))
@@ -87,7 +89,9 @@ def test_a_checkpoint_interrupted_mid_write_is_never_taken_for_a_complete_one(ti
     assert not (half_written / COMPLETE_MARKER).exists()  # ...its optimizer state and manifest were not
     assert complete_checkpoints(str(tmp_path / "run"))[-1].endswith("checkpoint-2")
     trainer = resumable.build_trainer("dpo", tiny_sd, dataset_dir, tmp_path / "run")
-    with pytest.raises(ValueError, match=r"checkpoint-3: it has no checkpoint_complete.json: it was interrupted") as error:
+    with pytest.raises(
+        ValueError, match=r"checkpoint-3: it has no checkpoint_complete.json: it was interrupted"
+    ) as error:
         trainer.train(resume_from_checkpoint=str(half_written))
     assert "The last complete checkpoint beside it is" in str(error.value) and "checkpoint-2" in str(error.value)
     trainer.train(resume_from_checkpoint=True)  # picks checkpoint-2 and rewrites checkpoint-3 completely
