@@ -24,6 +24,7 @@ from ..encodings import FIXED_NOISE_STEP, prepare_cached_datasets
 from ..model_card import write_model_card
 from ..models import DiffusionFamily, get_family
 from ..quantization import check_quantized_setup, is_quantized, load_quantized_pipeline, wants_quantization
+from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
 from .checkpoints import begin_checkpoint, mark_checkpoint_complete, resolve_resume_checkpoint
 from .distributed import add_deepspeed_input_cast, prepare_frozen_model, zero3_init_disabled
@@ -428,6 +429,13 @@ class DiffusionPreferenceTrainer(Trainer):
         self._record_metrics(mode, metrics, step.timesteps.chunk(2)[0])
         self._skipped_rows[mode] += int(inputs.get("num_skipped", 0))
         return (loss, metrics) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        # A data error on one process stops every process with its message (see `trainer/agreement.py`).
+        return fetch_in_agreement(
+            self.accelerator,
+            lambda: super(DiffusionPreferenceTrainer, self).get_batch_samples(epoch_iterator, num_batches, device),
+        )
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         # A non-finite loss stops (or skips) the step in `NonFiniteGuard`; it must not poison the logged running loss.
