@@ -432,10 +432,8 @@ class DiffusionPreferenceTrainer(Trainer):
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
         # A data error on one process stops every process with its message (see `trainer/agreement.py`).
-        return fetch_in_agreement(
-            self.accelerator,
-            lambda: super(DiffusionPreferenceTrainer, self).get_batch_samples(epoch_iterator, num_batches, device),
-        )
+        fetch = super().get_batch_samples
+        return fetch_in_agreement(self.accelerator, lambda: fetch(epoch_iterator, num_batches, device))
 
     def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
         # A non-finite loss stops (or skips) the step in `NonFiniteGuard`; it must not poison the logged running loss.
