@@ -24,6 +24,7 @@ from ..encodings import FIXED_NOISE_STEP, prepare_cached_datasets
 from ..model_card import write_model_card
 from ..models import DiffusionFamily, get_family
 from ..quantization import check_quantized_setup, is_quantized, load_quantized_pipeline, wants_quantization
+from ..video import VideoPreferenceDataset
 from .base_config import DiffusionPreferenceConfig
 from .distributed import add_deepspeed_input_cast, prepare_frozen_model, zero3_init_disabled
 
@@ -264,6 +265,8 @@ class DiffusionPreferenceTrainer(Trainer):
     def _wrap_dataset(self, dataset, args: DiffusionPreferenceConfig):
         if dataset is None or isinstance(dataset, PreferenceDataset) or not hasattr(dataset, "column_names"):
             return dataset
+        if self.family.is_video:
+            return VideoPreferenceDataset.from_config(dataset, args, self.family)
         return PreferenceDataset(
             dataset,
             resolution=args.resolution,
