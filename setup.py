@@ -29,10 +29,12 @@ setup(
     ],
     extras_require={
         "quantization": ["bitsandbytes>=0.50"],
+        "video": ["av>=12"],  # PyAV: decodes (and encodes) the videos of video preference datasets
         "deepspeed": ["deepspeed"],
         "test": [
             "pytest>=8",
             "bitsandbytes>=0.50",  # its CPU kernels let the 8-bit optimizer and QLoRA tests run without a GPU
+            "av>=12",  # the video tests encode and decode mp4/webm clips
             "tensorboard",
             "nbclient",
             "nbformat",
@@ -44,6 +46,7 @@ setup(
         "dev": [
             "pytest>=8",
             "bitsandbytes>=0.50",
+            "av>=12",
             "tensorboard",
             "ruff>=0.6",
             "matplotlib",
