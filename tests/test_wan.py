@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, WanPipeline
-from helpers.runs import REPO, run
+from helpers.runs import REPO, run, run_in_process
 from helpers.videos import make_video_pairs
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
+from PIL import Image
 from safetensors.torch import load_file
 from test_families import make_args
 
@@ -184,14 +185,33 @@ def test_wan_trains_in_bf16_from_decoded_videos(tiny_wan, tmp_path):
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
 
 
-def test_the_documented_wan_command_trains_and_saves_an_adapter(tiny_wan, tmp_path):
+def test_the_wan_tiny_yaml_trains_and_saves_an_adapter_wan_pipeline_loads(tmp_path, monkeypatch):
+    """The training script on `examples/scripts/wan_dpo_tiny.yaml`, in this process (the CLI run below is slow)."""
+    monkeypatch.setenv("TRL_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    config = os.path.join(REPO, "examples", "scripts", "wan_dpo_tiny.yaml")
+    dataset = os.path.join(REPO, "examples", "data", "video_pairs_tiny")
+    args = ["--config", config, "--dataset_name", dataset, "--output_dir", str(tmp_path / "out"), "--max_steps", "2"]
+    trainer = run_in_process("dpo", args)
+    assert type(trainer.family) is WanFamily and trainer.state.global_step == 2
+    assert trainer.train_dataset_stats.num_ties == 1
+    assert Image.open(tmp_path / "out" / "images" / "validation_0.png").size == (128, 32)
+    pipeline = WanPipeline.from_pretrained(str(tmp_path / "cache" / "tiny-wan"))
+    without_lora = generate(pipeline)
+    pipeline.load_lora_weights(str(tmp_path / "out"))
+    assert np.abs(generate(pipeline) - without_lora).max() > 0
+
+
+@pytest.mark.slow
+def test_the_documented_wan_command_trains_and_saves_an_adapter(tmp_path):
     """`trl-diffusion dpo --config examples/scripts/wan_dpo_tiny.yaml`, from the repository root."""
     output = run(
         [sys.executable, "-m", "trl_diffusion.scripts.cli", "dpo", "--config", "examples/scripts/wan_dpo_tiny.yaml"]
         + ["--output_dir", str(tmp_path / "out"), "--max_steps", "2"],
         tmp_path / "cache",
     )
-    assert "Training completed." in output
+    assert "Training completed." in output and "Dropped 1 tied pairs" in output
+    # The validation clip, as a strip of four 32 x 32 frames
+    assert Image.open(tmp_path / "out" / "images" / "validation_0.png").size == (128, 32)
     pipeline = WanPipeline.from_pretrained(os.path.join(str(tmp_path / "cache"), "tiny-wan"))
     without_lora = generate(pipeline)
     pipeline.load_lora_weights(str(tmp_path / "out"))
