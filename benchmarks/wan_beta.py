@@ -127,8 +127,9 @@ def step_times(model: str, output_dir: str, num_steps: int = 8) -> dict[str, flo
     betas = {"dpo": 300.0, "mapo": 0.1, "adaptive": 120.0}
     times = {}
     for method in METHODS:
-        trainer = trainer_for(method, model, os.path.join(output_dir, method), max_steps=num_steps + 1)
-        trainer.args.beta = betas[method]
+        trainer = trainer_for(
+            method, model, os.path.join(output_dir, method), max_steps=num_steps + 1, beta=betas[method]
+        )
         timer = StepTimer()
         trainer.add_callback(timer)
         trainer.train()

@@ -217,3 +217,24 @@ def test_the_documented_wan_command_trains_and_saves_an_adapter(tmp_path):
     pipeline.load_lora_weights(str(tmp_path / "out"))
     assert np.abs(generate(pipeline) - without_lora).max() > 0
     assert os.path.isfile(os.path.join(REPO, "examples", "data", "video_pairs_tiny", "train.parquet"))
+
+
+def test_wan_gradient_checkpointing_gives_the_same_sgd_step(tiny_wan, tmp_path):
+    """Every real-size Wan run needs activation checkpointing (docs/supported_models.md); it must not change a step."""
+    adapters = []
+    for checkpointing in (False, True):
+        args = wan_args(
+            tmp_path / str(checkpointing),
+            max_steps=1,
+            optim="sgd",
+            lr_scheduler_type="constant",
+            learning_rate=1.0,
+            activation_checkpointing=checkpointing,
+        )
+        trainer = MaPOTrainer(tiny_wan, args=args, train_dataset=make_video_pairs(2), peft_config=LoraConfig(r=2))
+        trainer.train()
+        assert trainer.model.is_gradient_checkpointing == checkpointing
+        adapters.append({name: p.detach().clone() for name, p in trainer.model.named_parameters() if "lora_" in name})
+    assert adapters[0].keys() == adapters[1].keys() and adapters[0]
+    for name, value in adapters[0].items():
+        torch.testing.assert_close(adapters[1][name], value, rtol=1e-5, atol=1e-7, msg=name)

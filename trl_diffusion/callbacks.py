@@ -97,7 +97,7 @@ class ValidationImagesCallback(TrainerCallback):
                 for index, prompt in enumerate(self.prompts):
                     generator = torch.Generator().manual_seed(self.seed + index)
                     output = pipeline(
-                        prompt, generator=generator, output_type="pil", **shape, **self.generation_kwargs
+                        prompt=prompt, generator=generator, output_type="pil", **shape, **self.generation_kwargs
                     )
                     images.append(frame_strip(output.frames[0]) if family.is_video else output.images[0])
         finally:

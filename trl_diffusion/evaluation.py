@@ -321,7 +321,8 @@ def generate_videos(
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
         generators = [torch.Generator().manual_seed(int(seed)) for _, seed in batch]
-        output = pipeline([prompt for prompt, _ in batch], generator=generators, output_type="np", **generation_kwargs)
+        prompts_batch = [prompt for prompt, _ in batch]
+        output = pipeline(prompt=prompts_batch, generator=generators, output_type="np", **generation_kwargs)
         videos.extend((np.clip(np.asarray(clip), 0, 1) * 255).round().astype(np.uint8) for clip in output.frames)
     return videos
 
