@@ -24,6 +24,7 @@ from ..encodings import FIXED_NOISE_STEP, prepare_cached_datasets
 from ..model_card import write_model_card
 from ..models import DiffusionFamily, get_family
 from ..quantization import check_quantized_setup, is_quantized, load_quantized_pipeline, wants_quantization
+from ..video import VideoPreferenceDataset
 from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
 from .checkpoints import begin_checkpoint, mark_checkpoint_complete, resolve_resume_checkpoint
@@ -269,6 +270,8 @@ class DiffusionPreferenceTrainer(Trainer):
     def _wrap_dataset(self, dataset, args: DiffusionPreferenceConfig):
         if dataset is None or isinstance(dataset, PreferenceDataset) or not hasattr(dataset, "column_names"):
             return dataset
+        if self.family.is_video:
+            return VideoPreferenceDataset.from_config(dataset, args, self.family)
         return PreferenceDataset(
             dataset,
             resolution=args.resolution,
