@@ -19,6 +19,7 @@ COMMANDS = {
     "dpo": ("diffusion_dpo", "Diffusion-DPO (Wallace et al. 2023)"),
     "mapo": ("mapo", "MaPO: margin-aware preference optimization, no reference (Hong et al. 2024)"),
     "adaptive-dpo": ("adaptive_dpo", "Minority-aware Adaptive-DPO (arXiv 2503.16921)"),
+    "generate-pairs": ("generate_pairs", "On-policy preference pairs: sample a model, score with a reward model"),
 }
 ACCELERATE_CONFIG_PACKAGES = ("trl_diffusion.accelerate_configs", "trl.accelerate_configs")
 
