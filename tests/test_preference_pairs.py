@@ -133,12 +133,15 @@ def cache_dir(tmp_path_factory):
     os.environ.pop("TRL_DIFFUSION_CACHE", None)
 
 
+@pytest.mark.slow
 def test_cli_on_two_processes_gives_the_pairs_of_one(cache_dir, tmp_path):
     """`trl-diffusion generate-pairs` in the test process, and relaunched by the CLI on 2 CPU processes (gloo)."""
     from trl_diffusion.scripts import generate_pairs
 
     args = ["--config", TINY_YAML, "--prompts", "a red square", "a blue square", "a teal square", "--pairing", "all"]
-    parsed = generate_pairs.make_parser().parse_args_and_config([*args, "--output_dir", str(tmp_path / "one")])
+    parsed = generate_pairs.make_parser().parse_args_and_config(
+        [*args, "--output_dir", str(tmp_path / "one")], fail_with_unknown_args=False
+    )
     one = generate_pairs.main(*parsed)
     assert one.num_prompts == 3 and one.num_candidate_pairs == 18
     cli = [sys.executable, "-m", "trl_diffusion.scripts.cli", "generate-pairs", *args]

@@ -89,6 +89,9 @@ class GeneratePairsConfig:
             Hub dataset repository to push to.
         hub_private (`bool` or `None`, *optional*, defaults to `None`):
             Create the Hub repository private.
+        use_cpu (`bool`, *optional*, defaults to `False`):
+            Run on the CPU even where an accelerator is present; with `--multi_gpu --num_processes N` it starts N CPU
+            processes that talk over gloo.
     """
 
     prompts: list[str] | None = field(default=None, metadata={"help": "Prompts to sample."})
@@ -131,6 +134,7 @@ class GeneratePairsConfig:
     push_to_hub: bool = field(default=False, metadata={"help": "Also push the dataset to hub_dataset_id."})
     hub_dataset_id: str | None = field(default=None, metadata={"help": "Hub dataset repository."})
     hub_private: bool | None = field(default=None, metadata={"help": "Create the Hub repository private."})
+    use_cpu: bool = field(default=False, metadata={"help": "Run on the CPU (gloo processes under --multi_gpu)."})
 
     def __post_init__(self):
         sources = [name for name in ("prompts", "prompts_file", "dataset_name") if getattr(self, name)]
@@ -191,7 +195,7 @@ def main(args: GeneratePairsConfig, model_args):
     from trl_diffusion.model_config import load_pipeline
     from trl_diffusion.preference_pairs import generate_preference_pairs, save_preference_pairs
 
-    state = PartialState()
+    state = PartialState(cpu=args.use_cpu)
     prompts = load_prompts(args)
     pipeline = load_pipeline(model_args).to(state.device)
     if args.lora_name_or_path:
