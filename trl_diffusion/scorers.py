@@ -180,8 +180,8 @@ class HPSv2Scorer(CLIPScorer):
     """Human Preference Score v2 / v2.1 (Wu et al. 2023): ``cos(E_img(x), E_txt(c))`` of a fine-tuned CLIP ViT-H/14.
 
     HPS v2 is OpenCLIP ViT-H-14 fine-tuned on the HPD v2 comparisons. Its score is the plain cosine of the normalised
-    image and text features (the ``image_features @ text_features.T`` diagonal of the authors' code, no logit scale),
-    so typical values lie around 0.2–0.35. The authors publish an OpenCLIP checkpoint; it is converted here into a
+    image and text features (the ``image_features @ text_features.T`` diagonal of the authors' code, no logit
+    scale). The authors publish an OpenCLIP checkpoint; it is converted here into a
     `transformers.CLIPModel` of the same architecture ([`open_clip_to_transformers`]), so no OpenCLIP install is
     needed.
 
