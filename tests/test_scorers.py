@@ -146,3 +146,99 @@ def test_get_scorer_builds_by_name_and_rejects_unknown_names(tiny_clip_gelu):
         get_scorer("hps")
     with pytest.raises(ValueError, match="takes no arguments"):
         get_scorer("redness", device="cpu")
+
+
+def build_tiny_blip(path):
+    """A tiny BLIP config and a character-level BERT tokenizer with BLIP's [DEC]/[ENC] tokens, saved in ``path``."""
+    import string
+
+    from transformers import BertTokenizer, BlipConfig
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.ascii_lowercase, *string.digits]
+    (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    tokenizer = BertTokenizer(str(path / "vocab.txt"), tokenize_chinese_chars=False)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    tokenizer.save_pretrained(str(path))
+    common = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2}
+    return BlipConfig(
+        text_config={**common, "vocab_size": len(tokenizer), "encoder_hidden_size": 24, "max_position_embeddings": 40},
+        vision_config={**common, "hidden_size": 24, "image_size": 8, "patch_size": 4, "layer_norm_eps": 1e-6},
+    )
+
+
+def to_blip_repository(vision: dict, text: dict, head: dict) -> dict[str, torch.Tensor]:
+    """transformers BLIP weights under the BLIP repository's names, as ImageReward.pt stores them."""
+    names = [("embeddings.patch_embedding", "patch_embed.proj"), ("embeddings.class_embedding", "cls_token"),
+             ("embeddings.position_embedding", "pos_embed"), ("encoder.layers.", "blocks."), ("layer_norm1", "norm1"),
+             ("layer_norm2", "norm2"), ("self_attn.qkv", "attn.qkv"), ("self_attn.projection", "attn.proj"),
+             ("post_layernorm", "norm")]  # fmt: skip
+    out = {}
+    for key, value in vision.items():
+        for new, old in names:
+            key = key.replace(new, old)
+        out[f"blip.visual_encoder.{key}"] = value
+    out.update({f"blip.text_encoder.{k}": v for k, v in text.items()})
+    out.update({f"mlp.{k}": v for k, v in head.items()})
+    out["blip.vision_proj.weight"] = torch.zeros(4, 24)  # pre-training heads the scorer leaves out
+    return out
+
+
+def blip_vit_reference(sd, pixels, heads=2, eps=1e-6):
+    """BLIP's timm-style ViT forward (``models/vit.py``), on its own weight names."""
+    p = "blip.visual_encoder."
+    x = F.conv2d(pixels, sd[f"{p}patch_embed.proj.weight"], sd[f"{p}patch_embed.proj.bias"], stride=4)
+    x = x.flatten(2).transpose(1, 2)
+    x = torch.cat([sd[f"{p}cls_token"].expand(len(x), -1, -1), x], dim=1) + sd[f"{p}pos_embed"]
+    width, blocks = x.shape[-1], {int(k.split(".")[3]) for k in sd if k.startswith(f"{p}blocks.")}
+    for i in sorted(blocks):
+        b = f"{p}blocks.{i}."
+        h = F.layer_norm(x, (width,), sd[f"{b}norm1.weight"], sd[f"{b}norm1.bias"], eps)
+        q, k, v = F.linear(h, sd[f"{b}attn.qkv.weight"], sd[f"{b}attn.qkv.bias"]).reshape(
+            len(x), -1, 3, heads, width // heads).permute(2, 0, 3, 1, 4)  # fmt: skip
+        attention = ((q @ k.transpose(-2, -1)) * (width // heads) ** -0.5).softmax(-1)
+        h = (attention @ v).transpose(1, 2).reshape(x.shape)
+        x = x + F.linear(h, sd[f"{b}attn.proj.weight"], sd[f"{b}attn.proj.bias"])
+        h = F.layer_norm(x, (width,), sd[f"{b}norm2.weight"], sd[f"{b}norm2.bias"], eps)
+        x = x + F.linear(F.gelu(F.linear(h, sd[f"{b}mlp.fc1.weight"], sd[f"{b}mlp.fc1.bias"])), sd[f"{b}mlp.fc2.weight"], sd[f"{b}mlp.fc2.bias"])  # fmt: skip
+    return F.layer_norm(x, (width,), sd[f"{p}norm.weight"], sd[f"{p}norm.bias"], eps)
+
+
+def test_image_reward_is_the_standardised_head_on_blip_cross_attention(tmp_path, caplog):
+    from transformers import AutoTokenizer, CLIPImageProcessor
+    from transformers.models.blip.modeling_blip import BlipVisionModel
+    from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+    from trl_diffusion.scorers import ImageRewardScorer
+
+    config = build_tiny_blip(tmp_path)
+    torch.manual_seed(0)
+    vision, text = BlipVisionModel(config.vision_config).eval(), BlipTextModel(config.text_config, False).eval()
+    head = AestheticHead(16)
+    with torch.no_grad():
+        for parameter in vision.parameters():  # away from the initialisation's zeros and ones
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    checkpoint = to_blip_repository(vision.state_dict(), text.state_dict(), head.state_dict())
+    torch.save(checkpoint, tmp_path / "ImageReward.pt")
+    with caplog.at_level("INFO", logger="trl_diffusion.scorers"):
+        scorer = ImageRewardScorer(
+            str(tmp_path / "ImageReward.pt"), config=config, tokenizer_name_or_path=str(tmp_path)
+        )
+    assert "1 checkpoint weights outside the scorer were not loaded" in caplog.text
+    pixels = CLIPImageProcessor(size={"shortest_edge": 8}, crop_size={"height": 8, "width": 8})(
+        images=IMAGES, return_tensors="pt"
+    )["pixel_values"]
+    tokens = AutoTokenizer.from_pretrained(str(tmp_path))(
+        PROMPTS, padding="max_length", max_length=35, return_tensors="pt"
+    )
+    with torch.no_grad():
+        image_tokens = blip_vit_reference(checkpoint, pixels)
+        np.testing.assert_allclose(vision(pixels).last_hidden_state.numpy(), image_tokens.numpy(), atol=1e-5)
+        cls = text(
+            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"], encoder_hidden_states=image_tokens,
+            encoder_attention_mask=torch.ones(image_tokens.shape[:-1], dtype=torch.long),
+        ).last_hidden_state[:, 0]  # fmt: skip
+        for index in (0, 2, 4, 6, 7):
+            cls = cls @ head.layers[index].weight.T + head.layers[index].bias
+    expected = (cls.squeeze(-1).numpy() - 0.16717362830052426) / 1.0333394966054072
+    np.testing.assert_allclose(scorer(IMAGES, PROMPTS), expected, rtol=1e-5, atol=1e-6)
+    assert tokens["input_ids"][0, 0] == scorer.tokenizer.cls_token_id  # [CLS] first, as ImageReward tokenises

@@ -11,16 +11,20 @@ its published formula on top of a `transformers` model:
 | [`PickScoreScorer`] | `exp(logit_scale) · cos(E_img(x), E_txt(c))` | `yuvalkirstain/PickScore_v1` (MIT) |
 | [`HPSv2Scorer`] | `cos(E_img(x), E_txt(c))` of a fine-tuned CLIP ViT-H/14 | `xswu/HPSv2`, `HPS_v2.1_compressed.pt` (Apache-2.0) |
 | [`AestheticScorer`] | `MLP(E_img(x) / ‖E_img(x)‖)` on CLIP ViT-L/14 | improved-aesthetic-predictor head (Apache-2.0) |
+| [`ImageRewardScorer`] | `(MLP(BLIP_text(c ⨯ x)[CLS]) − μ) / σ` | `THUDM/ImageReward`, `ImageReward.pt` (Apache-2.0) |
 
 `docs/building_preference_data.md` lists where each checkpoint comes from and what its licence allows.
 """
 
+import logging
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
+
+logger = logging.getLogger(__name__)
 
 Scorer = Callable[[list[Image.Image], list[str]], Sequence[float]]
 
@@ -301,6 +305,130 @@ class AestheticScorer:
         return self.head(embeddings).squeeze(-1).cpu().numpy()
 
 
+def blip_to_transformers(state_dict: dict[str, torch.Tensor]) -> tuple[dict, dict, dict, list[str]]:
+    """Split an ImageReward checkpoint (the BLIP repository's names) into `transformers` BLIP state dicts.
+
+    Returns ``(vision, text, head, ignored)``: the ``blip.visual_encoder`` weights renamed for `BlipVisionModel`
+    (BLIP's timm-style ViT: ``patch_embed.proj``, ``cls_token``, ``pos_embed``, ``blocks.i.{norm1, attn.qkv,
+    attn.proj, norm2, mlp}``, ``norm``), the ``blip.text_encoder`` weights for `BlipTextModel` (BERT names, kept),
+    the ``mlp`` head, and the keys of everything else the checkpoint holds (projections and heads of BLIP
+    pre-training, which ImageReward does not use).
+    """
+    vision, text, head, ignored = {}, {}, {}, []
+    for key, value in state_dict.items():
+        if key.startswith("blip.visual_encoder."):
+            name = key.removeprefix("blip.visual_encoder.")
+            if name.startswith("norm."):  # the final LayerNorm
+                name = "post_layernorm." + name.removeprefix("norm.")
+            for old, new in _BLIP_VISION_NAMES:
+                name = name.replace(old, new)
+            vision[name] = value
+        elif key.startswith("blip.text_encoder.") and not key.endswith("position_ids"):
+            text[key.removeprefix("blip.text_encoder.")] = value
+        elif key.startswith("mlp."):
+            head[key.removeprefix("mlp.")] = value
+        else:
+            ignored.append(key)
+    return vision, text, head, ignored
+
+
+_BLIP_VISION_NAMES = (
+    ("patch_embed.proj", "embeddings.patch_embedding"),
+    ("cls_token", "embeddings.class_embedding"),
+    ("pos_embed", "embeddings.position_embedding"),
+    ("blocks.", "encoder.layers."),
+    ("norm1", "layer_norm1"),
+    ("norm2", "layer_norm2"),
+    ("attn.qkv", "self_attn.qkv"),
+    ("attn.proj", "self_attn.projection"),
+)
+
+
+def image_reward_config():
+    """ImageReward's architecture as a `transformers.BlipConfig`: BLIP's ViT-L/16 at 224 pixels and BERT-base with
+    cross-attention to it (BLIP's ``med_config``, vocabulary 30524 with ``[DEC]`` and ``[ENC]``)."""
+    from transformers import BlipConfig
+
+    text = {
+        "vocab_size": 30524, "hidden_size": 768, "encoder_hidden_size": 1024, "intermediate_size": 3072,
+        "num_hidden_layers": 12, "num_attention_heads": 12, "max_position_embeddings": 512, "layer_norm_eps": 1e-12,
+    }  # fmt: skip
+    vision = {
+        "hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 24, "num_attention_heads": 16,
+        "image_size": 224, "patch_size": 16, "layer_norm_eps": 1e-6,
+    }  # fmt: skip
+    return BlipConfig(text_config=text, vision_config=vision)
+
+
+class ImageRewardScorer:
+    """ImageReward (Xu et al. 2023): ``(MLP(h_CLS) − μ) / σ`` of BLIP's text encoder attending to the image.
+
+    The prompt (BERT tokens, padded to 35) runs through BLIP's text encoder with cross-attention to the ViT's image
+    tokens; its ``[CLS]`` state goes through a five-layer linear head (the LAION aesthetic head's shape, 768 inputs)
+    and is standardised with the authors' constants ``μ = 0.16717362830052426``, ``σ = 1.0333394966054072``. The
+    published checkpoint (BLIP-repository names) is converted into `transformers`' BLIP modules
+    ([`blip_to_transformers`]), so neither the ``image-reward`` package nor its BLIP code is needed.
+
+    Args:
+        checkpoint: a local ``ImageReward.pt`` (or ``.safetensors``), or ``None`` to download ``ImageReward.pt`` from
+            the Hub repo ``THUDM/ImageReward``; ``.pt`` is read with ``torch.load(weights_only=True)``.
+        config: a `transformers.BlipConfig` or a folder/Hub id holding one; ``None`` is [`image_reward_config`].
+        tokenizer_name_or_path: BLIP's BERT tokenizer (``[DEC]``/``[ENC]`` added): ``Salesforce/blip-itm-large-coco``.
+        device, dtype: where and in what precision the model runs (the head runs in float32).
+    """
+
+    mean, std, max_length = 0.16717362830052426, 1.0333394966054072, 35
+
+    def __init__(
+        self,
+        checkpoint: str | None = None,
+        config=None,
+        tokenizer_name_or_path: str = "Salesforce/blip-itm-large-coco",
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ):
+        from transformers import AutoTokenizer, BlipConfig, CLIPImageProcessor
+        from transformers.models.blip.modeling_blip import BlipVisionModel
+        from transformers.models.blip.modeling_blip_text import BlipTextModel
+
+        if checkpoint is None:
+            from huggingface_hub import hf_hub_download
+
+            checkpoint = hf_hub_download("THUDM/ImageReward", "ImageReward.pt")
+        config = BlipConfig.from_pretrained(config) if isinstance(config, str) else config or image_reward_config()
+        vision, text, head, ignored = blip_to_transformers(_load_state_dict(checkpoint))
+        if ignored:
+            logger.info("ImageReward: %d checkpoint weights outside the scorer were not loaded.", len(ignored))
+        self.vision_model = BlipVisionModel(config.vision_config)
+        self.text_encoder = BlipTextModel(config.text_config, add_pooling_layer=False)
+        self.head = AestheticHead(config.text_config.hidden_size)
+        for module, weights in ((self.vision_model, vision), (self.text_encoder, text), (self.head, head)):
+            module.load_state_dict(weights)
+        self.vision_model.to(device=device, dtype=dtype).eval()
+        self.text_encoder.to(device=device, dtype=dtype).eval()
+        self.head.to(device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(tokenizer_name_or_path)
+        size = config.vision_config.image_size  # the authors' preprocessing: bicubic resize, centre crop, CLIP norm
+        self.processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+        self.device, self.dtype = device, dtype
+
+    @torch.no_grad()
+    def __call__(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
+        pixels = self.processor(images=[image.convert("RGB") for image in images], return_tensors="pt")
+        image_embeds = self.vision_model(pixels["pixel_values"].to(self.device, self.dtype)).last_hidden_state
+        tokens = self.tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        ).to(self.device)
+        hidden = self.text_encoder(
+            input_ids=tokens["input_ids"],
+            attention_mask=tokens["attention_mask"],
+            encoder_hidden_states=image_embeds,
+            encoder_attention_mask=torch.ones(image_embeds.shape[:-1], dtype=torch.long, device=image_embeds.device),
+        ).last_hidden_state
+        rewards = self.head(hidden[:, 0].float()).squeeze(-1)
+        return ((rewards - self.mean) / self.std).cpu().numpy()
+
+
 def _frame_scorer() -> Scorer:
     from .synthetic import frame_scorer
 
@@ -312,6 +440,7 @@ SCORERS: dict[str, Callable[..., Scorer]] = {
     "pickscore": PickScoreScorer,
     "hpsv2": HPSv2Scorer,
     "aesthetic": AestheticScorer,
+    "imagereward": ImageRewardScorer,
     "redness": lambda: redness_scorer,
     "saturation": lambda: saturation_scorer,
     "frame": _frame_scorer,

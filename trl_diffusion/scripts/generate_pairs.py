@@ -53,10 +53,11 @@ class GeneratePairsConfig:
         lora_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             A LoRA (diffusers format) loaded into the pipeline before sampling, to sample a tuned policy.
         scorer (`str`, *optional*, defaults to `"pickscore"`):
-            Reward model: `pickscore`, `hpsv2`, `aesthetic`, `clip`, or a rule-based `redness`, `saturation`, `frame`.
+            Reward model: `pickscore`, `hpsv2`, `imagereward`, `aesthetic`, `clip`, or a rule-based `redness`,
+            `saturation`, `frame`.
         scorer_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             The scorer's model: a CLIP folder or Hub id (`pickscore`, `clip`, `aesthetic`), or the checkpoint file of
-            `hpsv2`. `None` takes the scorer's published default.
+            `hpsv2` and `imagereward`. `None` takes the scorer's published default.
         scorer_processor_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             `pickscore`, `clip`: the CLIP processor, when it is not beside the model.
         aesthetic_head (`str` or `None`, *optional*, defaults to `None`):
@@ -107,11 +108,11 @@ class GeneratePairsConfig:
         default="pickscore",
         metadata={
             "help": "Reward model.",
-            "choices": ["pickscore", "hpsv2", "aesthetic", "clip", "redness", "saturation", "frame"],
+            "choices": ["pickscore", "hpsv2", "imagereward", "aesthetic", "clip", "redness", "saturation", "frame"],
         },
     )
     scorer_model_name_or_path: str | None = field(
-        default=None, metadata={"help": "The scorer's CLIP model, or the hpsv2 checkpoint file."}
+        default=None, metadata={"help": "The scorer's CLIP model, or the hpsv2/imagereward checkpoint file."}
     )
     scorer_processor_name_or_path: str | None = field(default=None, metadata={"help": "pickscore/clip: processor."})
     aesthetic_head: str | None = field(default=None, metadata={"help": "aesthetic: the head's weights."})
@@ -186,6 +187,8 @@ def build_scorer(args: GeneratePairsConfig, device):
         kwargs["head"] = args.aesthetic_head
     if args.scorer == "hpsv2":
         kwargs.update(device=device, checkpoint=args.scorer_model_name_or_path, version=args.hps_version)
+    if args.scorer == "imagereward":
+        kwargs.update(device=device, checkpoint=args.scorer_model_name_or_path)
     return get_scorer(args.scorer, **kwargs)
 
 
