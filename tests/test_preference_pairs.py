@@ -20,7 +20,7 @@ from trl_diffusion.scorers import redness_scorer
 
 
 PROMPTS = ["a red square", "a blue square", "a green square"]
-TINY_YAML = os.path.join(REPO, "examples", "scripts", "generate_pairs_tiny.yaml")
+TINY_YAML = os.path.join(REPO, "examples", "pairs", "generate_pairs_tiny.yaml")
 
 
 def decode(data: bytes) -> np.ndarray:
@@ -133,18 +133,31 @@ def cache_dir(tmp_path_factory):
     os.environ.pop("TRL_DIFFUSION_CACHE", None)
 
 
-@pytest.mark.slow
-def test_cli_on_two_processes_gives_the_pairs_of_one(cache_dir, tmp_path):
-    """`trl-diffusion generate-pairs` in the test process, and relaunched by the CLI on 2 CPU processes (gloo)."""
+CLI_ARGS = ["--config", TINY_YAML, "--prompts", "a red square", "a blue square", "a teal square", "--pairing", "all"]
+
+
+def run_script_in_process(output_dir):
+    """`trl-diffusion generate-pairs` as the relaunched script runs it: parse the YAML and flags, call `main`."""
     from trl_diffusion.scripts import generate_pairs
 
-    args = ["--config", TINY_YAML, "--prompts", "a red square", "a blue square", "a teal square", "--pairing", "all"]
-    parsed = generate_pairs.make_parser().parse_args_and_config(
-        [*args, "--output_dir", str(tmp_path / "one")], fail_with_unknown_args=False
-    )
-    one = generate_pairs.main(*parsed)
-    assert one.num_prompts == 3 and one.num_candidate_pairs == 18
-    cli = [sys.executable, "-m", "trl_diffusion.scripts.cli", "generate-pairs", *args]
+    parser = generate_pairs.make_parser()
+    parsed = parser.parse_args_and_config([*CLI_ARGS, "--output_dir", str(output_dir)], fail_with_unknown_args=False)
+    return generate_pairs.main(*parsed)
+
+
+def test_the_example_config_writes_a_dataset_the_trainers_read(cache_dir, tmp_path):
+    pairs = run_script_in_process(tmp_path / "one")
+    assert (pairs.num_prompts, pairs.num_candidate_pairs) == (3, 18)  # 4 images: 6 candidate pairs a prompt
+    dataset = load_from_disk(str(tmp_path / "one"))
+    assert len(dataset) == pairs.num_pairs > 0 and set(dataset["seed_0"]) <= set(range(12))
+    assert len(PreferenceDataset(dataset, resolution=16)) == pairs.num_pairs
+
+
+@pytest.mark.slow
+def test_cli_on_two_processes_gives_the_pairs_of_one(cache_dir, tmp_path):
+    """The same run in the test process, and relaunched by the CLI on 2 CPU processes (gloo)."""
+    one = run_script_in_process(tmp_path / "one")
+    cli = [sys.executable, "-m", "trl_diffusion.scripts.cli", "generate-pairs", *CLI_ARGS]
     launcher = ["--num_processes", "2", "--multi_gpu", "--use_cpu", "true"]
     output = run([*cli, "--output_dir", str(tmp_path / "two"), *launcher], cache_dir)
     assert f"dropped {one.num_dropped} of 18 candidate pairs" in output

@@ -13,7 +13,7 @@ trl-diffusion generate-pairs --accelerate_config multi_gpu --num_processes 8 \
 
 # A CPU smoke run with the offline tiny model and a rule-based reward
 ```bash
-trl-diffusion generate-pairs --config examples/scripts/generate_pairs_tiny.yaml
+trl-diffusion generate-pairs --config examples/pairs/generate_pairs_tiny.yaml
 ```
 
 The output folder trains directly: `trl-diffusion dpo --dataset_name sdxl-pickscore-pairs ...`.
