@@ -28,7 +28,6 @@ from safetensors.torch import save_file
 
 KOHYA_WEIGHT_NAME = "pytorch_lora_weights_kohya.safetensors"
 KOHYA_PREFIXES = {"unet": "lora_unet", "transformer": "lora_transformer"}
-LORA_FORMATS = ("diffusers", "kohya")
 _METADATA_KEY = "lora_adapter_metadata"  # where diffusers' `save_lora_weights` writes the peft config
 
 

@@ -135,10 +135,10 @@ class DiffusionPreferenceConfig(_BaseConfig):
         > Saving
 
         save_lora_format (`list[str]`, *optional*, defaults to `["diffusers"]`):
-            LoRA files each save writes. The diffusers file (`pytorch_lora_weights.safetensors`, what
+            LoRA files each save of a LoRA run writes. The diffusers file (`pytorch_lora_weights.safetensors`, what
             `load_lora_weights` and resuming read) is always written; `"kohya"` adds
-            `pytorch_lora_weights_kohya.safetensors` in the kohya key format that ComfyUI, Forge/A1111 and kohya's
-            scripts load (see `docs/training.md`).
+            `pytorch_lora_weights_kohya.safetensors` in the kohya key format that ComfyUI, Forge and kohya's scripts
+            load (see `docs/training.md`). A full fine-tune saves the denoiser in the diffusers format only.
     """
 
     resolution: int = field(default=512, metadata={"help": "Side of the square training images."})
