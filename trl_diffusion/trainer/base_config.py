@@ -155,6 +155,14 @@ class DiffusionPreferenceConfig(_BaseConfig):
             takes the mixed-precision dtype (bf16, fp16, else float32).
         bnb_4bit_use_double_quant (`bool`, *optional*, defaults to `False`):
             Also quantize the 4-bit quantization constants (about 0.4 bits per parameter saved).
+
+        > Saving
+
+        save_lora_format (`list[str]`, *optional*, defaults to `["diffusers"]`):
+            LoRA files each save of a LoRA run writes. The diffusers file (`pytorch_lora_weights.safetensors`, what
+            `load_lora_weights` and resuming read) is always written; `"kohya"` adds
+            `pytorch_lora_weights_kohya.safetensors` in the kohya key format that ComfyUI, Forge and kohya's scripts
+            load (see `docs/training.md`). A full fine-tune saves the denoiser in the diffusers format only.
     """
 
     resolution: int = field(default=512, metadata={"help": "Side of the square training images."})
@@ -300,6 +308,10 @@ class DiffusionPreferenceConfig(_BaseConfig):
     bnb_4bit_use_double_quant: bool = field(
         default=False, metadata={"help": "Also quantize the 4-bit quantization constants."}
     )
+    save_lora_format: list[str] = field(
+        default_factory=lambda: ["diffusers"],
+        metadata={"help": "LoRA files to write: diffusers (always) and/or kohya (ComfyUI, Forge, kohya scripts)."},
+    )
 
     def _check_video_options(self):
         if self.num_frames is not None and self.num_frames < 1:
@@ -363,6 +375,9 @@ class DiffusionPreferenceConfig(_BaseConfig):
             )
         if self.precompute_ref_errors and (self.precompute_encodings is False or self.random_crop):
             raise ValueError("precompute_ref_errors needs the encoding cache (precompute_encodings, no random_crop).")
+        unknown_formats = sorted(set(self.save_lora_format) - {"diffusers", "kohya"})
+        if unknown_formats:
+            raise ValueError(f"save_lora_format takes 'diffusers' and/or 'kohya', got {unknown_formats}.")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("Set at most one of load_in_4bit and load_in_8bit.")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
