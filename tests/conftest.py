@@ -24,6 +24,7 @@ from trl_diffusion.tiny_models import (  # noqa: E402
     build_tiny_sd3,
     build_tiny_sdxl,
     build_tiny_stable_diffusion,
+    build_tiny_wan,
     build_tiny_z_image,
 )
 
@@ -124,3 +125,8 @@ def tiny_qwen_image(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_z_image(tmp_path_factory) -> str:
     return build_tiny_z_image(str(tmp_path_factory.mktemp("tiny-z-image")))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory) -> str:
+    return build_tiny_wan(str(tmp_path_factory.mktemp("tiny-wan")))

@@ -28,6 +28,7 @@ TINY_MODELS = {
     "tiny-flux2-klein": ("build_tiny_flux2", {"klein": True}),
     "tiny-qwen-image": ("build_tiny_qwen_image", {}),
     "tiny-z-image": ("build_tiny_z_image", {}),
+    "tiny-wan": ("build_tiny_wan", {}),
 }
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

@@ -12,6 +12,7 @@ from .qwen_image import QwenImageFamily
 from .stable_diffusion import StableDiffusionFamily
 from .stable_diffusion_3 import StableDiffusion3Family
 from .stable_diffusion_xl import StableDiffusionXLFamily
+from .wan import WanFamily
 from .z_image import ZImageFamily
 
 
@@ -27,6 +28,7 @@ FAMILIES: list[type[DiffusionFamily]] = [
     Flux2Family,
     QwenImageFamily,
     ZImageFamily,
+    WanFamily,
 ]
 
 
@@ -54,6 +56,7 @@ __all__ = [
     "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
+    "WanFamily",
     "ZImageFamily",
     "get_family",
 ]
