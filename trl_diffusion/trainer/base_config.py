@@ -53,6 +53,11 @@ class DiffusionPreferenceConfig(_BaseConfig):
             Images the VAE encodes at once; lower it to save memory at large resolutions.
         timestep_buckets (`int`, *optional*, defaults to `4`):
             Number of equal timestep ranges over which the preference accuracy is also logged.
+        skip_nonfinite_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps with a non-finite loss, error or gradient that may be skipped (the update is dropped,
+            and `nonfinite/skipped_steps` is logged) before training stops with a `NonFiniteError`. `0` stops at
+            the first one. The logged loss is the mean over the finite micro-batches (`nan` if none). The fp16
+            `GradScaler`'s own overflow skips are not counted.
         activation_checkpointing (`bool`, *optional*, defaults to `False`):
             Enable the denoiser's own gradient checkpointing (`enable_gradient_checkpointing()`), trading compute
             for memory. `gradient_checkpointing` is accepted as an alias, as in transformers.
@@ -96,6 +101,25 @@ class DiffusionPreferenceConfig(_BaseConfig):
         guidance_scale (`float`, *optional*, defaults to `3.5`):
             Flux: value fed to the guidance embedding of guidance-distilled transformers (`guidance_embeds`, such as
             FLUX.1 dev) during training, as the diffusers Flux training example does. Unused otherwise.
+
+        > Video families (Wan; see `docs/data.md`)
+
+        num_frames (`int` or `None`, *optional*, defaults to `None`):
+            Frames of each training clip. `None` takes the family's default (Wan: 81, i.e. 5 s at 16 fps); Wan
+            needs `4k + 1`.
+        frame_stride (`int`, *optional*, defaults to `1`):
+            Take every `frame_stride`-th frame of the source video, so a clip spans `(num_frames − 1)·stride + 1`
+            source frames. A video shorter than that raises an error naming its row and column.
+        temporal_crop (`str`, *optional*, defaults to `"start"`):
+            Where each pair's clip starts, at the same relative position in both videos: `"start"` (the first
+            frames; only they are decoded), `"center"`, or `"random"` (one random position per pair and epoch; like
+            `random_crop` it turns the encoding cache off).
+        video_columns (`list[str]`, *optional*, defaults to `["video_0", "video_1"]`):
+            The two video columns of a Pick-a-Pic-style video dataset (TRL-style datasets use `chosen` and
+            `rejected`). Each cell is encoded video bytes (mp4, webm...), a video file path, a folder of frame
+            images, a list of frames or a `datasets.Video` value.
+        video_size (`list[int]` or `None`, *optional*, defaults to `None`):
+            `[height, width]` of the training frames (Wan 2.1 480p: `[480, 832]`). `None`: `resolution` squared.
 
         > Speed and memory (see `docs/performance.md`)
 
@@ -173,6 +197,10 @@ class DiffusionPreferenceConfig(_BaseConfig):
     timestep_buckets: int = field(
         default=4, metadata={"help": "Number of timestep ranges over which accuracy is also logged."}
     )
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={"help": "Non-finite optimizer steps to skip (counted in the logs) before training stops; 0: stop."},
+    )
     # TRL turns checkpointing on by default; a diffusion denoiser trains without it unless memory is short, so the
     # transformers default (off) is restored. Either `activation_checkpointing` or its alias enables it.
     gradient_checkpointing: bool | None = field(
@@ -221,6 +249,24 @@ class DiffusionPreferenceConfig(_BaseConfig):
     guidance_scale: float = field(
         default=3.5, metadata={"help": "Flux: guidance embedding value of guidance-distilled transformers."}
     )
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Video: frames per training clip. None: the family's default (Wan: 81)."}
+    )
+    frame_stride: int = field(default=1, metadata={"help": "Video: take every N-th frame of the source video."})
+    temporal_crop: str = field(
+        default="start",
+        metadata={
+            "help": "Video: where each pair's clip starts (same relative position in both videos).",
+            "choices": ["start", "center", "random"],
+        },
+    )
+    video_columns: list[str] = field(
+        default_factory=lambda: ["video_0", "video_1"],
+        metadata={"help": "The two video columns of a Pick-a-Pic-style video dataset."},
+    )
+    video_size: list[int] | None = field(
+        default=None, metadata={"help": "Video: [height, width] of the training frames. None: resolution squared."}
+    )
     precompute_encodings: bool | None = field(
         default=None,
         metadata={
@@ -267,6 +313,23 @@ class DiffusionPreferenceConfig(_BaseConfig):
         metadata={"help": "LoRA files to write: diffusers (always) and/or kohya (ComfyUI, Forge, kohya scripts)."},
     )
 
+    def _check_video_options(self):
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}.")
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride must be at least 1, got {self.frame_stride}.")
+        if self.temporal_crop not in ("start", "center", "random"):
+            raise ValueError(f"temporal_crop must be 'start', 'center' or 'random', got {self.temporal_crop!r}.")
+        if len(self.video_columns) != 2:
+            raise ValueError(f"video_columns must name exactly two columns, got {self.video_columns}.")
+        if self.video_size is not None and (len(self.video_size) != 2 or min(self.video_size) < 1):
+            raise ValueError(f"video_size must be [height, width], got {self.video_size}.")
+        if self.precompute_encodings and self.temporal_crop == "random":
+            raise ValueError(
+                "precompute_encodings caches one clip per pair; temporal_crop='random' changes it every epoch. "
+                "Leave precompute_encodings unset (or False) to train with random temporal crops."
+            )
+
     def __post_init__(self):
         # TRL resolves an unset `bf16` to `not fp16`, which transformers then rejects on a machine without a bf16
         # accelerator. Resolve it to bf16 only where the hardware has it, so the same config runs on a laptop.
@@ -279,6 +342,8 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"image_columns must name exactly two columns, got {self.image_columns}.")
         if self.timestep_buckets < 1:
             raise ValueError(f"timestep_buckets must be at least 1, got {self.timestep_buckets}.")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"skip_nonfinite_steps must be at least 0, got {self.skip_nonfinite_steps}.")
         if self.vae_encode_batch_size < 1:
             raise ValueError(f"vae_encode_batch_size must be at least 1, got {self.vae_encode_batch_size}.")
         if self.weighting_scheme not in FLOW_TIMESTEP_DENSITIES:
@@ -302,6 +367,7 @@ class DiffusionPreferenceConfig(_BaseConfig):
             )
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be at least 1, got {self.max_sequence_length}.")
+        self._check_video_options()
         if self.precompute_encodings and self.random_crop:
             raise ValueError(
                 "precompute_encodings caches centre crops; random_crop=True changes each pair's crop every epoch. "
