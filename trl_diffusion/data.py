@@ -239,8 +239,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         first, second = self.image_columns
         chosen_column, rejected_column = (second, first) if swap else (first, second)
         try:
-            images = [load_image(record[chosen_column], row, chosen_column)]
-            images.append(load_image(record[rejected_column], row, rejected_column))
+            images = [self.decode_cell(record[chosen_column], row, chosen_column)]
+            images.append(self.decode_cell(record[rejected_column], row, rejected_column))
         except ValueError as error:
             if not self.skip_invalid_rows:
                 raise
@@ -248,15 +248,30 @@ class PreferenceDataset(torch.utils.data.Dataset):
             return None
         return record, images
 
+    def decode_cell(self, value, row: int, column: str):
+        """Decode one image cell (see [`load_image`]); video datasets decode videos here."""
+        return load_image(value, row, column)
+
+    def transform_pair(self, images: list, flip: bool | None = None) -> tuple[list[torch.Tensor], list, list]:
+        """The pair's shared crop and flip (see [`paired_transform`]); ``flip`` forces the flip decision."""
+        return paired_transform(images, self.resolution, self.random_crop, self.random_flip, flip=flip)
+
+    def transform_options(self) -> dict:
+        """The settings that decide a pair's pixels, for the encoding cache's fingerprint."""
+        return {"resolution": self.resolution, "random_crop": self.random_crop}
+
+    @property
+    def has_fixed_crops(self) -> bool:
+        """Whether a pair's crop is the same every epoch (only then can its encoding be cached)."""
+        return not self.random_crop
+
     def __getitem__(self, index: int) -> dict | None:
         loaded = self.load_pair(index)
         if loaded is None:
             return None
         record, images = loaded
         row = self.rows[index][0]
-        tensors, original_sizes, crop_top_lefts = paired_transform(
-            images, self.resolution, self.random_crop, self.random_flip
-        )
+        tensors, original_sizes, crop_top_lefts = self.transform_pair(images)
         example = {
             "chosen_pixel_values": tensors[0],
             "rejected_pixel_values": tensors[1],

@@ -21,9 +21,11 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from ..callbacks import read_widget
 from ..data import DiffusionPreferenceCollator, PreferenceDataset
 from ..encodings import FIXED_NOISE_STEP, prepare_cached_datasets
+from ..lora_formats import KOHYA_WEIGHT_NAME, export_kohya_lora
 from ..model_card import write_model_card
 from ..models import DiffusionFamily, get_family
 from ..quantization import check_quantized_setup, is_quantized, load_quantized_pipeline, wants_quantization
+from ..video import VideoPreferenceDataset
 from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
 from .checkpoints import begin_checkpoint, mark_checkpoint_complete, resolve_resume_checkpoint
@@ -269,6 +271,8 @@ class DiffusionPreferenceTrainer(Trainer):
     def _wrap_dataset(self, dataset, args: DiffusionPreferenceConfig):
         if dataset is None or isinstance(dataset, PreferenceDataset) or not hasattr(dataset, "column_names"):
             return dataset
+        if self.family.is_video:
+            return VideoPreferenceDataset.from_config(dataset, args, self.family)
         return PreferenceDataset(
             dataset,
             resolution=args.resolution,
@@ -541,6 +545,10 @@ class DiffusionPreferenceTrainer(Trainer):
             lora_state_dict = get_peft_model_state_dict(denoiser, state_dict=state_dict, adapter_name="default")
             metadata = denoiser.peft_config["default"].to_dict()
             self.family.save_lora_weights(output_dir, lora_state_dict, metadata)
+            if "kohya" in self.args.save_lora_format:
+                export_kohya_lora(
+                    os.path.join(output_dir, LORA_WEIGHT_NAME), os.path.join(output_dir, KOHYA_WEIGHT_NAME)
+                )
         elif state_dict is None:
             denoiser.save_pretrained(output_dir, safe_serialization=True)
         else:
@@ -564,7 +572,8 @@ class DiffusionPreferenceTrainer(Trainer):
             entry["output"]["url"] for entry in read_widget(self.args.output_dir) or []
         ]
         if self.is_peft:
-            return [LORA_WEIGHT_NAME, *common]
+            kohya = [KOHYA_WEIGHT_NAME] if "kohya" in self.args.save_lora_format else []
+            return [LORA_WEIGHT_NAME, *kohya, *common]
         return ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.json", *common]
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
