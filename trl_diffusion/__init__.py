@@ -1,16 +1,19 @@
-"""trl_diffusion: TRL-style trainers that align text-to-image diffusion models with pairwise preferences."""
+"""trl_diffusion: TRL-style trainers that align text-to-image diffusion models with human preferences."""
 
 __version__ = "0.1.0.dev0"
 
 from .data import DiffusionPreferenceCollator, PreferenceDataset
-from .losses import adaptive_dpo_loss, diffusion_dpo_loss, mapo_loss, minority_scores
+from .losses import adaptive_dpo_loss, diffusion_dpo_loss, diffusion_kto_loss, mapo_loss, minority_scores
 from .model_config import DiffusionModelConfig
+from .unpaired import UnpairedPreferenceDataset, unpair_preference_dataset
 from .trainer import (
     METHODS,
     AdaptiveDPOConfig,
     AdaptiveDPOTrainer,
     DiffusionDPOConfig,
     DiffusionDPOTrainer,
+    DiffusionKTOConfig,
+    DiffusionKTOTrainer,
     DiffusionPreferenceConfig,
     DiffusionPreferenceTrainer,
     MaPOConfig,
@@ -24,6 +27,8 @@ __all__ = [
     "AdaptiveDPOTrainer",
     "DiffusionDPOConfig",
     "DiffusionDPOTrainer",
+    "DiffusionKTOConfig",
+    "DiffusionKTOTrainer",
     "DiffusionModelConfig",
     "DiffusionPreferenceCollator",
     "DiffusionPreferenceConfig",
@@ -31,8 +36,11 @@ __all__ = [
     "MaPOConfig",
     "MaPOTrainer",
     "PreferenceDataset",
+    "UnpairedPreferenceDataset",
     "adaptive_dpo_loss",
     "diffusion_dpo_loss",
+    "diffusion_kto_loss",
     "mapo_loss",
     "minority_scores",
+    "unpair_preference_dataset",
 ]

@@ -62,6 +62,12 @@ class DiffusionPreferenceConfig(_BaseConfig):
             Data-loader worker processes; images are decoded and transformed there, off the training process.
         remove_unused_columns (`bool`, *optional*, defaults to `False`):
             Kept `False`: the trainers select their columns themselves.
+        collapse_warning_accuracy (`float` or `None`, *optional*, defaults to `0.95`):
+            Warn once (in the logs) when `rewards/chosen` falls below zero while the preference accuracy is at least
+            this: a sign of a collapsing run (see `docs/guards.md`). `None` turns the check off.
+        collapse_warning_error_ratio (`float` or `None`, *optional*, defaults to `1.25`):
+            Warn once when the policy's error on the chosen images exceeds the reference's by this factor
+            (`mse/policy_chosen > ratio · mse/ref_chosen`). `None` turns the check off.
 
         > Model-family options (see `docs/supported_models.md`)
 
@@ -177,6 +183,14 @@ class DiffusionPreferenceConfig(_BaseConfig):
     )
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the trainers select their columns themselves."}
+    )
+    collapse_warning_accuracy: float | None = field(
+        default=0.95,
+        metadata={"help": "Warn once when rewards/chosen < 0 while accuracy >= this (None: off)."},
+    )
+    collapse_warning_error_ratio: float | None = field(
+        default=1.25,
+        metadata={"help": "Warn once when the policy's chosen error exceeds the reference's by this factor (None: off)."},
     )
     pretrained_vae_model_name_or_path: str | None = field(
         default=None,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from ..callbacks import read_widget
+from ..callbacks import CollapseWarningCallback, read_widget
 from ..data import DiffusionPreferenceCollator, PreferenceDataset
 from ..encodings import FIXED_NOISE_STEP, prepare_cached_datasets
 from ..model_card import write_model_card
@@ -37,6 +37,11 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 class DenoisingStep:
     """One micro-batch, ready for the denoiser: ``2B`` rows, chosen images first, noise and timestep shared by pairs.
 
+    More generally, each of the ``B`` examples of a batch is a group of ``k = group_size`` images that share a prompt,
+    a noise tensor and a timestep, stored image-major (image 0 of every example, then image 1, ...): ``k = 2`` for a
+    pair ``[x_w ; x_l]``, ``k = 1`` for the unpaired rows of [`UnpairedPreferenceDataset`] (Diffusion-KTO). ``k`` is
+    read from the batch (images per ``row_index``), so a method needs no switch for it.
+
     Attributes:
         noisy_latents: the denoiser's input ``x_t``, ``(2B, C, h, w)``.
         target: the regression target (noise, velocity...), same shape.
@@ -47,6 +52,7 @@ class DenoisingStep:
         mode: ``"train"`` or ``"eval"``.
         ref_errors: ``(2B,)`` errors of the reference, for methods that have one.
         auxiliary_errors: no-grad errors of other networks a method consults (e.g. EMA annotators), by name.
+        group_size: images per example, ``k`` (2 for pairs, 1 for unpaired rows).
     """
 
     noisy_latents: torch.Tensor
@@ -58,6 +64,7 @@ class DenoisingStep:
     mode: str = "train"
     ref_errors: torch.Tensor | None = None
     auxiliary_errors: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_size: int = 2
 
 
 def pair_seed(seed: int, step: int, row: int) -> int:
@@ -155,6 +162,9 @@ class DiffusionPreferenceTrainer(Trainer):
     _accuracy_metric = "rewards/accuracies"
     # `compute_loss` returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
     loss_is_scaled_for_ga = False
+    # What a raw `datasets.Dataset` is wrapped in (its `from_config(dataset, args)`): pairs here; an unpaired method
+    # (Diffusion-KTO) sets `UnpairedPreferenceDataset`, whose examples hold one image each.
+    dataset_class: type[PreferenceDataset] = PreferenceDataset
 
     def __init__(
         self,
@@ -226,6 +236,11 @@ class DiffusionPreferenceTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self.add_callback(
+            CollapseWarningCallback(
+                self._accuracy_metric, args.collapse_warning_accuracy, args.collapse_warning_error_ratio
+            )
+        )
         device = self.accelerator.device
         for module in self.family.frozen_modules().values():
             module.to(device)
@@ -264,18 +279,7 @@ class DiffusionPreferenceTrainer(Trainer):
     def _wrap_dataset(self, dataset, args: DiffusionPreferenceConfig):
         if dataset is None or isinstance(dataset, PreferenceDataset) or not hasattr(dataset, "column_names"):
             return dataset
-        return PreferenceDataset(
-            dataset,
-            resolution=args.resolution,
-            random_crop=args.random_crop,
-            random_flip=args.random_flip,
-            drop_ties=args.drop_ties,
-            skip_invalid_rows=args.skip_invalid_rows,
-            caption_column=args.caption_column,
-            image_columns=args.image_columns,
-            label_column=args.label_column,
-            confidence_column=args.confidence_column,
-        )
+        return self.dataset_class.from_config(dataset, args)
 
     # ----- the training step -----
 
@@ -339,10 +343,11 @@ class DiffusionPreferenceTrainer(Trainer):
             cached = "latents" in inputs
             latents = inputs["latents"].float() if cached else self.encode_images(inputs["pixel_values"])
             noise, uniforms, host_uniforms = self._pair_randomness(inputs["row_index"], latents.shape[1:], mode)
+            group_size = latents.shape[0] // len(inputs["row_index"])
             drop_rate = self.args.proportion_empty_prompts
             if cached:
                 if "latents_flipped" in inputs:
-                    flip = (uniforms[:, 2] < 0.5).repeat(2).view(-1, *([1] * (latents.dim() - 1)))
+                    flip = (uniforms[:, 2] < 0.5).repeat(group_size).view(-1, *([1] * (latents.dim() - 1)))
                     latents = torch.where(flip, inputs["latents_flipped"].float(), latents)
                 dropped = uniforms[:, 1] < drop_rate if drop_rate > 0 else None
                 prompt_embeds = self._cached_prompt_embeds(inputs["prompt_embeds"], dropped)
@@ -352,10 +357,10 @@ class DiffusionPreferenceTrainer(Trainer):
                     dropped = (host_uniforms[:, 1] < drop_rate).tolist()
                     prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
                 prompt_embeds = self.family.encode_prompt(prompts)
-            conditioning = {key: torch.cat([value, value]) for key, value in prompt_embeds.items()}
+            conditioning = {key: torch.cat([value] * group_size) for key, value in prompt_embeds.items()}
             conditioning.update(self.family.image_conditioning(inputs))
-            timesteps = self.family.timesteps_from_uniform(uniforms[:, 0]).repeat(2)
-            noise = noise.repeat(2, *([1] * (noise.dim() - 1)))
+            timesteps = self.family.timesteps_from_uniform(uniforms[:, 0]).repeat(group_size)
+            noise = noise.repeat(group_size, *([1] * (noise.dim() - 1)))
             noisy_latents = self.family.noisy_input(latents, noise, timesteps)
             if self.args.channels_last and noisy_latents.dim() == 4:
                 noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
@@ -368,6 +373,7 @@ class DiffusionPreferenceTrainer(Trainer):
             error_weights=self.family.error_weights(timesteps),
             inputs=inputs,
             mode=mode,
+            group_size=group_size,
         )
 
     def denoising_errors(self, denoiser: torch.nn.Module, step: DenoisingStep) -> torch.Tensor:
@@ -417,7 +423,7 @@ class DiffusionPreferenceTrainer(Trainer):
             step.auxiliary_errors = self.auxiliary_errors(model, step)
         policy_errors = self.denoising_errors(model, step)
         loss, metrics = self.preference_loss(step, policy_errors)
-        self._record_metrics(mode, metrics, step.timesteps.chunk(2)[0])
+        self._record_metrics(mode, metrics, step.timesteps[: len(step.timesteps) // step.group_size])
         self._skipped_rows[mode] += int(inputs.get("num_skipped", 0))
         return (loss, metrics) if return_outputs else loss
 
