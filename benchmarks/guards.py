@@ -41,8 +41,15 @@ from peft import LoraConfig
 import trl_diffusion
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
 from trl_diffusion.evaluation import generate_images, saturation_scorer, win_rate
-from trl_diffusion.synthetic import HUES, SIZE, TRAIN_COLOURS, caption, pretrain_base_model, render_squares
-from trl_diffusion.synthetic import self_generated_pairs
+from trl_diffusion.synthetic import (
+    HUES,
+    SIZE,
+    TRAIN_COLOURS,
+    caption,
+    pretrain_base_model,
+    render_squares,
+    self_generated_pairs,
+)
 
 
 START, END = "<!-- guards:start -->", "<!-- guards:end -->"
@@ -177,7 +184,12 @@ def run(args) -> list[dict]:
             start = time.time()
             folder = os.path.join(args.output_dir, f"{guard}-seed{seed}")
             adapter, record = train(base_path, dataset, folder, args, seed, guard)
-            record = {"guard": guard, "seed": seed, **record, **evaluate(base, adapter, args.num_eval_seeds, base_error)}
+            record = {
+                "guard": guard,
+                "seed": seed,
+                **record,
+                **evaluate(base, adapter, args.num_eval_seeds, base_error),
+            }
             record["seconds"] = time.time() - start
             records.append(record)
             print(json.dumps(record), flush=True)

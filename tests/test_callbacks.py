@@ -47,8 +47,9 @@ def test_no_reward_warning_when_the_chosen_image_improves_or_accuracy_is_low(cap
     healthy_chosen = REF_CHOSEN * 0.9  # chosen reward > 0, accuracy 1
     _, healthy = diffusion_dpo_loss(healthy_chosen, HACKED_REJECTED, REF_CHOSEN, REF_REJECTED, beta=100.0)
     # the chosen reward is negative everywhere, but half the pairs are ranked wrong
-    _, unsure = diffusion_dpo_loss(HACKED_CHOSEN, REF_REJECTED * torch.tensor([1.6, 1.0, 1.6, 1.0]), REF_CHOSEN,
-                                   REF_REJECTED, beta=100.0)
+    _, unsure = diffusion_dpo_loss(
+        HACKED_CHOSEN, REF_REJECTED * torch.tensor([1.6, 1.0, 1.6, 1.0]), REF_CHOSEN, REF_REJECTED, beta=100.0
+    )
     assert unsure["rewards/accuracies"].mean() == 0.5
     callback = CollapseWarningCallback(accuracy=0.95, error_ratio=None)
     with caplog.at_level(logging.WARNING, logger="trl_diffusion.callbacks"):

@@ -5,7 +5,6 @@ __version__ = "0.1.0.dev0"
 from .data import DiffusionPreferenceCollator, PreferenceDataset
 from .losses import adaptive_dpo_loss, diffusion_dpo_loss, diffusion_kto_loss, mapo_loss, minority_scores
 from .model_config import DiffusionModelConfig
-from .unpaired import UnpairedPreferenceDataset, unpair_preference_dataset
 from .trainer import (
     METHODS,
     AdaptiveDPOConfig,
@@ -19,6 +18,7 @@ from .trainer import (
     MaPOConfig,
     MaPOTrainer,
 )
+from .unpaired import UnpairedPreferenceDataset, unpair_preference_dataset
 
 
 __all__ = [

@@ -163,7 +163,10 @@ class CollapseWarningCallback(TrainerCallback):
     """
 
     def __init__(
-        self, accuracy_metric: str = "rewards/accuracies", accuracy: float | None = 0.95, error_ratio: float | None = 1.25
+        self,
+        accuracy_metric: str = "rewards/accuracies",
+        accuracy: float | None = 0.95,
+        error_ratio: float | None = 1.25,
     ):
         self.accuracy_metric = accuracy_metric
         self.accuracy = accuracy

@@ -396,8 +396,11 @@ def add_reference_errors(
     reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
     parts = {
         "encodings": dataset.fingerprint,
-        # With LoRA the reference is the base network: its adapters (whatever their initialisation) do not count.
-        "reference": weights_digest({"reference": reference}, skip=("lora_",) if trainer.is_peft else ()),
+        # With LoRA the reference is the base network: its adapters (whatever their initialisation) do not count,
+        # unless a frozen adapter is part of the reference (training on top of a LoRA, `reference="base+adapter"`).
+        "reference": weights_digest(
+            {"reference": reference}, skip=("lora_",) if trainer.is_peft and not trainer.reference_adapter else ()
+        ),
         "lora_base": trainer.is_peft,
         "seed": args.seed,
         "mode": mode,

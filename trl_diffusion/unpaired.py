@@ -18,7 +18,14 @@ import logging
 
 import torch
 
-from .data import PICKAPIC_IMAGE_COLUMNS, TRL_COLUMNS, PreferenceDataset, PreparationStats, load_image, paired_transform
+from .data import (
+    PICKAPIC_IMAGE_COLUMNS,
+    TRL_COLUMNS,
+    PreferenceDataset,
+    PreparationStats,
+    load_image,
+    paired_transform,
+)
 
 
 logger = logging.getLogger(__name__)
@@ -131,7 +138,8 @@ class UnpairedPreferenceDataset(PreferenceDataset):
         self.random_flip = random_flip
         self.skip_invalid_rows = skip_invalid_rows
         self.confidence_column, self.confidences = None, None
-        self.image_columns, self.caption_column, self.desirable_column = (image_column,), prompt_column, desirable_column
+        self.image_columns, self.caption_column = (image_column,), prompt_column
+        self.desirable_column = desirable_column
         self._undecode_image_columns()
         self.stats = PreparationStats(num_rows=len(dataset))
         self.rows: list[tuple[int, bool]] = []

@@ -184,7 +184,7 @@ class DiffusionPreferenceTrainer(Trainer):
             args = self.config_class(output_dir=f"{os.path.basename(str(model_name).rstrip('/'))}-{self._name}")
         if ref_model is not None and not self._uses_reference:
             raise ValueError(f"{type(self).__name__} uses no reference model; do not pass `ref_model`.")
-        if ref_model is not None and peft_config is not None:
+        if ref_model is not None and (peft_config is not None or args.adapter_name_or_path is not None):
             raise ValueError(
                 "With a `peft_config`, the reference is the base network with its adapters disabled; "
                 "do not pass `ref_model` (it would be a second copy in memory)."
@@ -197,15 +197,21 @@ class DiffusionPreferenceTrainer(Trainer):
         for name, module in self.family.frozen_modules().items():
             _cast(module.requires_grad_(False).eval(), self.family.frozen_module_dtype(name, self.weight_dtype))
         denoiser = self.family.denoiser
-        self.is_peft = peft_config is not None
+        # Training on top of an existing LoRA (`adapter_name_or_path`) is LoRA training of that adapter
+        self.is_peft = peft_config is not None or args.adapter_name_or_path is not None
+        # The name of a frozen adapter that is (with the base) the reference, or None when the reference is the base
+        self.reference_adapter: str | None = None
         check_quantized_setup(denoiser, args, self.is_peft)
         if self.is_peft:
             denoiser.requires_grad_(False)
             if not is_quantized(denoiser):  # a quantized model keeps its own dtypes (and refuses casts)
                 _cast(denoiser, self.weight_dtype)
-            if peft_config.target_modules is None:
-                peft_config.target_modules = list(self.family.lora_target_modules)
-            denoiser.add_adapter(peft_config)
+            if args.adapter_name_or_path is not None:
+                self._load_starting_adapter(pipeline, args, peft_config)
+            else:
+                if peft_config.target_modules is None:
+                    peft_config.target_modules = list(self.family.lora_target_modules)
+                denoiser.add_adapter(peft_config)
             for parameter in denoiser.parameters():
                 if parameter.requires_grad:
                     parameter.data = parameter.data.float()
@@ -275,6 +281,32 @@ class DiffusionPreferenceTrainer(Trainer):
             has_subfolder = os.path.isdir(os.path.join(str(ref_model), subfolder)) or not os.path.isdir(str(ref_model))
             reference = type(denoiser).from_pretrained(str(ref_model), subfolder=subfolder if has_subfolder else None)
         return _cast(reference.requires_grad_(False).eval(), self.weight_dtype)
+
+    def _load_starting_adapter(self, pipeline: DiffusionPipeline, args, peft_config: PeftConfig | None) -> None:
+        """Start the policy from the user's LoRA, loaded as the trained adapter ``"default"`` through the pipeline's
+        own ``load_lora_weights`` (so every LoRA format diffusers reads works); with ``reference="base+adapter"`` and
+        a method that has a reference, load it a second time as the frozen adapter ``"reference"``. Only LoRA
+        weights are duplicated: the denoiser itself is never copied."""
+        source = args.adapter_name_or_path
+        if peft_config is not None:
+            logger.warning(
+                "adapter_name_or_path is set: training continues that LoRA with its own rank and target modules; "
+                "the rank and targets of the given peft_config are not used."
+            )
+        names = ["default"] + (["reference"] if self._uses_reference and args.reference == "base+adapter" else [])
+        for name in names:
+            pipeline.load_lora_weights(source, adapter_name=name)
+        denoised = [key for key, module in pipeline.components.items() if getattr(module, "peft_config", None)]
+        if denoised != [self.family.denoiser_name]:
+            raise ValueError(
+                f"The LoRA {source!r} has layers for {denoised}; only a LoRA of the denoiser "
+                f"({self.family.denoiser_name}) can be trained on (the text encoders are frozen)."
+            )
+        denoiser = self.family.denoiser
+        denoiser.set_adapter("default")  # active and trainable; "reference" is inactive and frozen
+        self.reference_adapter = "reference" if "reference" in names else None
+        for name, parameter in denoiser.named_parameters():
+            parameter.requires_grad_("lora_" in name and ".default." in name)
 
     def _wrap_dataset(self, dataset, args: DiffusionPreferenceConfig):
         if dataset is None or isinstance(dataset, PreferenceDataset) or not hasattr(dataset, "column_names"):
@@ -386,9 +418,18 @@ class DiffusionPreferenceTrainer(Trainer):
 
     @contextmanager
     def reference_model(self, model: torch.nn.Module):
-        """Yield the reference denoiser: the policy with adapters disabled (LoRA) or the frozen copy."""
+        """Yield the reference denoiser: the policy with adapters disabled (LoRA), the base with the frozen
+        ``"reference"`` adapter (training on top of a LoRA with ``reference="base+adapter"``) or the frozen copy."""
         if self.ref_model is not None:
             yield self.ref_model
+            return
+        if self.reference_adapter is not None:
+            denoiser = self.accelerator.unwrap_model(model)
+            denoiser.set_adapter(self.reference_adapter)
+            try:
+                yield model if is_compiled_module(model) else denoiser
+            finally:
+                denoiser.set_adapter("default")
             return
         if not self.is_peft:
             raise RuntimeError(

@@ -71,7 +71,9 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
         num_undesirable = len(dataset) - num_desirable
         logger.info("Diffusion-KTO data: %d desirable and %d undesirable images.", num_desirable, num_undesirable)
         if num_desirable == 0 or num_undesirable == 0:
-            logger.warning("The training data has only %s images.", "undesirable" if num_desirable == 0 else "desirable")
+            logger.warning(
+                "The training data has only %s images.", "undesirable" if num_desirable == 0 else "desirable"
+            )
             return
         ratio = self.args.desirable_weight * num_desirable / (self.args.undesirable_weight * num_undesirable)
         if not 1.0 <= ratio <= 4 / 3:
