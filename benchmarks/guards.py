@@ -53,7 +53,9 @@ from trl_diffusion.synthetic import (
 
 
 START, END = "<!-- guards:start -->", "<!-- guards:end -->"
-GUARDS = {"none": {}, "sft": {"sft_weight": 1.0}, "cap": {"max_margin": 2.0}}
+GUARDS = {"none": {}, "sft": {"sft_weight": 500.0}, "cap": {"max_margin": 2.0}}
+# The learning rate of `benchmarks/efficacy.py`, the sane budget this one exceeds
+EFFICACY_LEARNING_RATE = 3e-4
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -65,9 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--max_margin", type=float, default=GUARDS["cap"]["max_margin"])
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--num_pairs", type=int, default=256)
-    parser.add_argument("--max_steps", type=int, default=300)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--learning_rate", type=float, default=3e-3)
+    parser.add_argument("--max_steps", type=int, default=150)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--learning_rate", type=float, default=2e-2)
     parser.add_argument("--beta", type=float, default=2500.0)
     parser.add_argument("--pretrain_steps", type=int, default=600)
     parser.add_argument("--num_eval_seeds", type=int, default=8, help="Evaluation seeds per prompt.")
@@ -208,7 +210,8 @@ def markdown(records: list[dict], args, minutes: float) -> str:
         f"diffusers {diffusers.__version__}, transformers {transformers.__version__}, trl_diffusion "
         f"{trl_diffusion.__version__}; {minutes:.0f} min.  ",
         f"Diffusion-DPO with LoRA pushed too far: {args.num_pairs} self-generated pairs, {args.max_steps} steps of "
-        f"{args.batch_size} pairs at lr {args.learning_rate:g} (10x the efficacy benchmark's 3e-4), β {args.beta:g}; "
+        f"{args.batch_size} pairs at lr {args.learning_rate:g} ({args.learning_rate / EFFICACY_LEARNING_RATE:.0f}× the "
+        f"efficacy benchmark's {EFFICACY_LEARNING_RATE:g}), β {args.beta:g}; "
         f"seeds {args.seeds}; evaluation on the {len(TRAIN_COLOURS)} training prompts × {args.num_eval_seeds} unseen "
         "seeds. Mean ± std over seeds. Hue error: mean distance between an image's hue and its caption's, in degrees "
         "(the base model's is shown for scale). Data error: the tuned UNet's denoising error on 256 fresh squares, "

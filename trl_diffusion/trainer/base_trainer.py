@@ -186,7 +186,7 @@ class DiffusionPreferenceTrainer(Trainer):
             raise ValueError(f"{type(self).__name__} uses no reference model; do not pass `ref_model`.")
         if ref_model is not None and (peft_config is not None or args.adapter_name_or_path is not None):
             raise ValueError(
-                "With a `peft_config`, the reference is the base network with its adapters disabled; "
+                "With LoRA (`peft_config` or `adapter_name_or_path`), the reference is the base network itself; "
                 "do not pass `ref_model` (it would be a second copy in memory)."
             )
         # Seed before LoRA initialisation and reference copies, as `Trainer` does for its own model init.
