@@ -76,3 +76,18 @@ def test_unbalanced_weights_are_warned_about(tiny_sd, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="trl_diffusion.trainer.diffusion_kto_trainer"):
         make_trainer("kto", tiny_sd, tmp_path, dataset=make_pickapic(2), desirable_weight=3.0)
     assert "outside [1, 4/3]" in caplog.text
+
+
+def test_precomputed_reference_errors_match_the_live_reference(tiny_sd, tmp_path):
+    live = make_trainer("kto", tiny_sd, tmp_path / "live", peft=False, dataset=make_pickapic(4))
+    stored = make_trainer(
+        "kto", tiny_sd, tmp_path / "stored", peft=False, dataset=make_pickapic(4), precompute_ref_errors=True
+    )
+    assert stored.ref_model is None  # released after its one pass
+    batch = stored._prepare_inputs(stored.data_collator([stored.train_dataset[i] for i in range(4)]))
+    assert batch["ref_errors"].shape == (4,)
+    step = live.prepare_step(batch)
+    with torch.no_grad(), live.reference_model(live.model) as reference:
+        torch.testing.assert_close(batch["ref_errors"].float(), live.denoising_errors(reference, step))
+    stored.train()
+    assert all(math.isfinite(log["loss"]) for log in stored.state.log_history if "loss" in log)

@@ -167,8 +167,8 @@ class UnpairedPreferenceDataset(PreferenceDataset):
     @classmethod
     def from_config(cls, dataset, args) -> "UnpairedPreferenceDataset":
         """Wrap unpaired rows with a config's data options; a pairwise dataset is first unpaired (and logged)."""
-        num_ties = 0
-        if is_pairwise(dataset, args.image_columns) and args.image_column not in dataset.column_names:
+        num_ties, image_column = 0, getattr(args, "image_column", "image")
+        if is_pairwise(dataset, args.image_columns) and image_column not in dataset.column_names:
             if args.label_column in dataset.column_names:
                 num_ties = sum(label == 0.5 for label in dataset[args.label_column])
             dataset = unpair_preference_dataset(
@@ -185,9 +185,9 @@ class UnpairedPreferenceDataset(PreferenceDataset):
             random_crop=args.random_crop,
             random_flip=args.random_flip,
             skip_invalid_rows=args.skip_invalid_rows,
-            prompt_column=args.prompt_column,
-            image_column=args.image_column,
-            desirable_column=args.desirable_column,
+            prompt_column=getattr(args, "prompt_column", "prompt"),
+            image_column=image_column,
+            desirable_column=getattr(args, "desirable_column", "label"),
         )
         wrapped.stats.num_ties = num_ties
         return wrapped

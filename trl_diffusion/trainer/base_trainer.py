@@ -134,7 +134,9 @@ class DiffusionPreferenceTrainer(Trainer):
     Each step takes ``B`` pairs as ``[x_w ; x_l]`` latents, draws one noise tensor and one timestep per pair (shared by
     its two images), computes the per-sample denoising errors ``e = mean_{C,H,W} (prediction - target)^2`` of the
     policy in float32 (and of the reference under ``torch.no_grad()`` where the method has one), and hands them to the
-    method's loss function. A method subclass sets the class attributes and implements [`preference_loss`].
+    method's loss function. A method subclass sets the class attributes and implements [`preference_loss`]; an unpaired
+    method (one image per example, as Diffusion-KTO) also sets ``dataset_class`` to [`UnpairedPreferenceDataset`], and
+    the step then gives each image its own noise and timestep (``DenoisingStep.group_size == 1``).
 
     Args:
         model: a diffusers pipeline folder or Hub id (loaded with ``DiffusionPipeline.from_pretrained``), or a loaded
