@@ -9,6 +9,7 @@ from conftest import make_pickapic
 from PIL import Image
 from test_trainers import make_trainer
 
+from trl_diffusion import METHODS
 from trl_diffusion.evaluation import (
     CLIPScorer,
     EvaluationCallback,
@@ -168,8 +169,12 @@ def test_efficacy_benchmark_smoke(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nkept\n")
     records = efficacy.main(["--quick", "--output_dir", str(tmp_path / "out"), "--results", str(results)])
-    assert len(records) == 2 * 3 + 2
-    assert {(r["experiment"], r["method"]) for r in records} >= {("flips", "adaptive"), ("mismatch", "mapo")}
+    assert len(records) == 2 * len(METHODS) + 2  # two flip rates for every method, and the two mismatch runs
+    assert {(r["experiment"], r["method"]) for r in records} >= {
+        ("flips", "adaptive"),
+        ("flips", "kto"),
+        ("mismatch", "mapo"),
+    }
     assert all(0 <= r["win_rate"] <= 1 for r in records)
     text = results.read_text()
     assert "kept" in text and "| Diffusion-DPO |" in text and "efficacy.png" in text

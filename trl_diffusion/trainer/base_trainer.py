@@ -188,8 +188,9 @@ class DiffusionPreferenceTrainer(Trainer):
             raise ValueError(f"{type(self).__name__} uses no reference model; do not pass `ref_model`.")
         if ref_model is not None and (peft_config is not None or args.adapter_name_or_path is not None):
             raise ValueError(
-                "With LoRA (`peft_config` or `adapter_name_or_path`), the reference is the base network itself; "
-                "do not pass `ref_model` (it would be a second copy in memory)."
+                "With LoRA (`peft_config` or `adapter_name_or_path`), the reference is the base network with its "
+                "adapters disabled (or with a frozen adapter); do not pass `ref_model` (it would be a second copy in "
+                "memory)."
             )
         # Seed before LoRA initialisation and reference copies, as `Trainer` does for its own model init.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
