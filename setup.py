@@ -33,6 +33,7 @@ setup(
         "deepspeed": ["deepspeed"],
         "test": [
             "pytest>=8",
+            "hypothesis>=6",  # property-based fuzzing of the data path (tests/test_data_robustness.py)
             "bitsandbytes>=0.50",  # its CPU kernels let the 8-bit optimizer and QLoRA tests run without a GPU
             "av>=12",  # the video tests encode and decode mp4/webm clips
             "tensorboard",
@@ -45,6 +46,7 @@ setup(
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]"],
         "dev": [
             "pytest>=8",
+            "hypothesis>=6",
             "bitsandbytes>=0.50",
             "av>=12",
             "tensorboard",

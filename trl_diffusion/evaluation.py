@@ -17,10 +17,12 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from transformers import TrainerCallback
 
+# The scorers live in `scorers.py`; these names stay importable from here.
+from .scorers import CLIPScorer, PickScoreScorer, Scorer, redness_scorer, saturation_scorer  # noqa: F401
+
 
 logger = logging.getLogger(__name__)
 
-Scorer = Callable[[list[Image.Image], list[str]], Sequence[float]]
 # A video scorer takes clips as (F, H, W, 3) uint8 arrays and their prompts, and returns one float per clip
 VideoScorer = Callable[[list[np.ndarray], list[str]], Sequence[float]]
 
@@ -48,94 +50,6 @@ def bootstrap_mean_ci(
     alpha = (1 - confidence) / 2
     low, high = np.quantile(means, [alpha, 1 - alpha])
     return float(low), float(high)
-
-
-# ----- scorers -----
-
-
-def _pixels(images: list[Image.Image]) -> np.ndarray:
-    return np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
-
-
-def redness_scorer(images: list[Image.Image], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based: mean of ``R − (G + B)/2`` over the image, in ``[−255, 255]``."""
-    pixels = _pixels(images)
-    return (pixels[..., 0] - (pixels[..., 1] + pixels[..., 2]) / 2).mean(axis=(1, 2))
-
-
-def saturation_scorer(images: list[Image.Image], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based: mean HSV saturation ``(max − min) / max`` over the image, in ``[0, 1]``."""
-    pixels = _pixels(images)
-    high, low = pixels.max(axis=-1), pixels.min(axis=-1)
-    return np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0).mean(axis=(1, 2))
-
-
-class CLIPScorer:
-    """CLIP similarity of image and prompt: ``scale · cos(image embedding, text embedding)``.
-
-    Args:
-        model_name_or_path: a `transformers.CLIPModel` folder or Hub id.
-        processor_name_or_path: its `CLIPProcessor` (defaults to ``model_name_or_path``).
-        scale: multiplies the cosine; 100 gives the usual CLIP-score range.
-        device, dtype: where and in what precision the model runs.
-    """
-
-    def __init__(
-        self,
-        model_name_or_path: str,
-        processor_name_or_path: str | None = None,
-        scale: float = 100.0,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.model = CLIPModel.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
-        self.processor = CLIPProcessor.from_pretrained(processor_name_or_path or model_name_or_path)
-        self.scale = scale
-        self.device = device
-
-    def _logit_scale(self) -> float:
-        return self.scale
-
-    @torch.no_grad()
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
-        inputs = self.processor(
-            text=list(prompts), images=list(images), return_tensors="pt", padding=True, truncation=True
-        ).to(self.device)
-        image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        text_embeds = self.model.get_text_features(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        )
-        image_embeds = torch.nn.functional.normalize(_as_tensor(image_embeds).float(), dim=-1)
-        text_embeds = torch.nn.functional.normalize(_as_tensor(text_embeds).float(), dim=-1)
-        return (self._logit_scale() * (image_embeds * text_embeds).sum(dim=-1)).cpu().numpy()
-
-
-class PickScoreScorer(CLIPScorer):
-    """PickScore (Kirstain et al. 2023): a CLIP model fine-tuned on Pick-a-Pic, scored as ``exp(logit_scale) · cos``.
-
-    Defaults name the public PickScore checkpoint and its processor; pass local folders to run offline.
-    """
-
-    def __init__(
-        self,
-        model_name_or_path: str = "yuvalkirstain/PickScore_v1",
-        processor_name_or_path: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        super().__init__(model_name_or_path, processor_name_or_path, device=device, dtype=dtype)
-
-    def _logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
-
-
-def _as_tensor(output) -> torch.Tensor:
-    """``get_*_features`` returns a tensor, or a model output holding the pooled projection in recent transformers."""
-    if isinstance(output, torch.Tensor):
-        return output
-    return output.pooler_output
 
 
 # ----- generation and evaluation -----

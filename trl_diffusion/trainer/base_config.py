@@ -53,6 +53,11 @@ class DiffusionPreferenceConfig(_BaseConfig):
             Images the VAE encodes at once; lower it to save memory at large resolutions.
         timestep_buckets (`int`, *optional*, defaults to `4`):
             Number of equal timestep ranges over which the preference accuracy is also logged.
+        skip_nonfinite_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps with a non-finite loss, error or gradient that may be skipped (the update is dropped,
+            and `nonfinite/skipped_steps` is logged) before training stops with a `NonFiniteError`. `0` stops at
+            the first one. The logged loss is the mean over the finite micro-batches (`nan` if none). The fp16
+            `GradScaler`'s own overflow skips are not counted.
         activation_checkpointing (`bool`, *optional*, defaults to `False`):
             Enable the denoiser's own gradient checkpointing (`enable_gradient_checkpointing()`), trading compute
             for memory. `gradient_checkpointing` is accepted as an alias, as in transformers.
@@ -150,6 +155,14 @@ class DiffusionPreferenceConfig(_BaseConfig):
             takes the mixed-precision dtype (bf16, fp16, else float32).
         bnb_4bit_use_double_quant (`bool`, *optional*, defaults to `False`):
             Also quantize the 4-bit quantization constants (about 0.4 bits per parameter saved).
+
+        > Saving
+
+        save_lora_format (`list[str]`, *optional*, defaults to `["diffusers"]`):
+            LoRA files each save of a LoRA run writes. The diffusers file (`pytorch_lora_weights.safetensors`, what
+            `load_lora_weights` and resuming read) is always written; `"kohya"` adds
+            `pytorch_lora_weights_kohya.safetensors` in the kohya key format that ComfyUI, Forge and kohya's scripts
+            load (see `docs/training.md`). A full fine-tune saves the denoiser in the diffusers format only.
     """
 
     resolution: int = field(default=512, metadata={"help": "Side of the square training images."})
@@ -183,6 +196,10 @@ class DiffusionPreferenceConfig(_BaseConfig):
     vae_encode_batch_size: int = field(default=8, metadata={"help": "Images the VAE encodes at once."})
     timestep_buckets: int = field(
         default=4, metadata={"help": "Number of timestep ranges over which accuracy is also logged."}
+    )
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={"help": "Non-finite optimizer steps to skip (counted in the logs) before training stops; 0: stop."},
     )
     # TRL turns checkpointing on by default; a diffusion denoiser trains without it unless memory is short, so the
     # transformers default (off) is restored. Either `activation_checkpointing` or its alias enables it.
@@ -291,6 +308,10 @@ class DiffusionPreferenceConfig(_BaseConfig):
     bnb_4bit_use_double_quant: bool = field(
         default=False, metadata={"help": "Also quantize the 4-bit quantization constants."}
     )
+    save_lora_format: list[str] = field(
+        default_factory=lambda: ["diffusers"],
+        metadata={"help": "LoRA files to write: diffusers (always) and/or kohya (ComfyUI, Forge, kohya scripts)."},
+    )
 
     def _check_video_options(self):
         if self.num_frames is not None and self.num_frames < 1:
@@ -321,6 +342,8 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"image_columns must name exactly two columns, got {self.image_columns}.")
         if self.timestep_buckets < 1:
             raise ValueError(f"timestep_buckets must be at least 1, got {self.timestep_buckets}.")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"skip_nonfinite_steps must be at least 0, got {self.skip_nonfinite_steps}.")
         if self.vae_encode_batch_size < 1:
             raise ValueError(f"vae_encode_batch_size must be at least 1, got {self.vae_encode_batch_size}.")
         if self.weighting_scheme not in FLOW_TIMESTEP_DENSITIES:
@@ -352,6 +375,9 @@ class DiffusionPreferenceConfig(_BaseConfig):
             )
         if self.precompute_ref_errors and (self.precompute_encodings is False or self.random_crop):
             raise ValueError("precompute_ref_errors needs the encoding cache (precompute_encodings, no random_crop).")
+        unknown_formats = sorted(set(self.save_lora_format) - {"diffusers", "kohya"})
+        if unknown_formats:
+            raise ValueError(f"save_lora_format takes 'diffusers' and/or 'kohya', got {unknown_formats}.")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("Set at most one of load_in_4bit and load_in_8bit.")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
