@@ -19,6 +19,7 @@ from test_families import make_args
 from trl_diffusion import METHODS, MaPOConfig, MaPOTrainer
 from trl_diffusion.models import WanFamily, get_family
 from trl_diffusion.models.flow_matching import shift_sigmas
+from trl_diffusion.tiny_models import build_tiny_wan
 
 
 def wan_args(tmp_path, config_class=MaPOConfig, **overrides):
@@ -238,3 +239,22 @@ def test_wan_gradient_checkpointing_gives_the_same_sgd_step(tiny_wan, tmp_path):
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]
     for name, value in adapters[0].items():
         torch.testing.assert_close(adapters[1][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_wan22_ti2v_layout_trains_and_saves_an_adapter(tmp_path):
+    """Wan 2.2 TI2V 5B's layout: a residual VAE that patchifies first (16x), one timestep per latent token."""
+    path = build_tiny_wan(str(tmp_path / "ti2v"), ti2v=True)
+    args = wan_args(tmp_path / "run", resolution=64, max_steps=1)
+    trainer = MaPOTrainer(
+        path, args=args, train_dataset=make_video_pairs(2, size=(64, 64)), peft_config=LoraConfig(r=2)
+    )
+    assert trainer.family.pipeline.config.expand_timesteps and trainer.family.pipeline.vae_scale_factor_spatial == 16
+    assert trainer.train_dataset[0]["latents"].shape == (2, 4, 3, 4, 4)
+    trainer.train()
+    trainer.save_model()
+    pipeline = WanPipeline.from_pretrained(path)
+    shape = {"num_frames": 9, "height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np"}
+    without_lora = pipeline("a", generator=torch.Generator().manual_seed(0), **shape).frames
+    pipeline.load_lora_weights(str(tmp_path / "run"))
+    with_lora = pipeline("a", generator=torch.Generator().manual_seed(0), **shape).frames
+    assert np.abs(with_lora - without_lora).max() > 0
