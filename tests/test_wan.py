@@ -202,6 +202,21 @@ def test_the_wan_tiny_yaml_trains_and_saves_an_adapter_wan_pipeline_loads(tmp_pa
     assert np.abs(generate(pipeline) - without_lora).max() > 0
 
 
+def test_the_real_wan_yaml_trains_the_tiny_model(tmp_path, monkeypatch):
+    """`examples/scripts/wan_dpo.yaml` (Wan 2.1 1.3B, 480p, 81 frames) with the tiny model, data and clip size."""
+    monkeypatch.setenv("TRL_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    args = ["--config", os.path.join(REPO, "examples", "scripts", "wan_dpo.yaml"), "--model_name_or_path", "tiny-wan"]
+    args += ["--dataset_name", os.path.join(REPO, "examples", "data", "video_pairs_tiny"), "--video_size", "32", "32"]
+    args += ["--num_frames", "9", "--max_steps", "2", "--gradient_accumulation_steps", "1", "--bf16", "false"]
+    args += ["--dtype", "float32", "--dataloader_num_workers", "0", "--report_to", "none"]
+    trainer = run_in_process("dpo", args + ["--output_dir", str(tmp_path / "out")])
+    assert trainer.args.activation_checkpointing or trainer.args.gradient_checkpointing
+    assert trainer.model.is_gradient_checkpointing and trainer.state.global_step == 2
+    pipeline = WanPipeline.from_pretrained(str(tmp_path / "cache" / "tiny-wan"))
+    pipeline.load_lora_weights(str(tmp_path / "out"))
+    assert len(pipeline.get_list_adapters()["transformer"]) == 1
+
+
 @pytest.mark.slow
 def test_the_documented_wan_command_trains_and_saves_an_adapter(tmp_path):
     """`trl-diffusion dpo --config examples/scripts/wan_dpo_tiny.yaml`, from the repository root."""

@@ -97,7 +97,10 @@ def generate_paired(
     for start in range(0, len(prompts), batch_size):
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start : start + batch_size]]
         output = pipeline(
-            list(prompts[start : start + batch_size]), generator=generators, output_type="pil", **generation_kwargs
+            prompt=list(prompts[start : start + batch_size]),
+            generator=generators,
+            output_type="pil",
+            **generation_kwargs,
         )
         images.extend(output.images)
     return images

@@ -97,10 +97,17 @@ class DiffusionPreferenceConfig(_BaseConfig):
             ε-prediction families, and so is `beta`.
         max_sequence_length (`int` or `None`, *optional*, defaults to `None`):
             SD3, Flux: tokens of the T5 prompt embedding. `None` takes the pipeline's default (SD3 256, Flux 512),
-            capped at the T5 tokenizer's `model_max_length`.
+            capped at the T5 tokenizer's `model_max_length`. Flux.2, Qwen-Image, Z-Image: tokens of the chat-formatted
+            prompt (default 512), the fixed length of the embeddings (padding is masked where the model has a mask).
         guidance_scale (`float`, *optional*, defaults to `3.5`):
-            Flux: value fed to the guidance embedding of guidance-distilled transformers (`guidance_embeds`, such as
-            FLUX.1 dev) during training, as the diffusers Flux training example does. Unused otherwise.
+            Flux, Flux.2, Qwen-Image: value fed to the guidance embedding of guidance-distilled transformers
+            (`guidance_embeds`, such as FLUX.1 dev and FLUX.2 dev) during training, as the diffusers Flux training
+            example does. Unused otherwise.
+        resolution_shift (`bool` or `None`, *optional*, defaults to `None`):
+            Flow matching with a scheduler that shifts its noise levels by image size (`use_dynamic_shifting`):
+            shift the training `σ` with the pipeline's `μ` for `resolution`, as the pipeline does at inference.
+            `None`: the family's default (on for Flux.2 and Qwen-Image, off for Flux.1 as in the diffusers
+            example). `True` is an error for a scheduler with a static shift (SD3, Z-Image).
 
         > Video families (Wan; see `docs/data.md`)
 
@@ -248,6 +255,13 @@ class DiffusionPreferenceConfig(_BaseConfig):
     )
     guidance_scale: float = field(
         default=3.5, metadata={"help": "Flux: guidance embedding value of guidance-distilled transformers."}
+    )
+    resolution_shift: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Flow matching with a dynamic-shift scheduler: shift the training sigma by the resolution's mu, "
+            "as at inference. None: the family's default (Flux.2, Qwen-Image on; Flux.1 off)."
+        },
     )
     num_frames: int | None = field(
         default=None, metadata={"help": "Video: frames per training clip. None: the family's default (Wan: 81)."}
