@@ -21,7 +21,7 @@ def _usage_snippet(
                 "",
                 f'pipeline = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)',
                 f'pipeline.load_lora_weights("{repo}")',
-                'image = pipeline("a photo of an astronaut riding a horse").images[0]',
+                'image = pipeline(prompt="a photo of an astronaut riding a horse").images[0]',
             ]
         )
     return "\n".join(
@@ -33,7 +33,7 @@ def _usage_snippet(
             f"pipeline = {pipeline_class}.from_pretrained(",
             f'    "{base_model}", {denoiser_name}={denoiser_name}, torch_dtype=torch.bfloat16',
             ")",
-            'image = pipeline("a photo of an astronaut riding a horse").images[0]',
+            'image = pipeline(prompt="a photo of an astronaut riding a horse").images[0]',
         ]
     )
 

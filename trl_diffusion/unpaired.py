@@ -23,8 +23,6 @@ from .data import (
     TRL_COLUMNS,
     PreferenceDataset,
     PreparationStats,
-    load_image,
-    paired_transform,
 )
 
 
@@ -203,7 +201,7 @@ class UnpairedPreferenceDataset(PreferenceDataset):
         record = self.dataset[row]
         (column,) = self.image_columns
         try:
-            return record, [load_image(record[column], row, column)]
+            return record, [self.decode_cell(record[column], row, column)]
         except ValueError as error:
             if not self.skip_invalid_rows:
                 raise
@@ -216,9 +214,7 @@ class UnpairedPreferenceDataset(PreferenceDataset):
             return None
         record, images = loaded
         row = self.rows[index][0]
-        tensors, original_sizes, crop_top_lefts = paired_transform(
-            images, self.resolution, self.random_crop, self.random_flip
-        )
+        tensors, original_sizes, crop_top_lefts = self.transform_pair(images)
         return {
             "pixel_values": torch.stack(tensors),
             "prompt": record[self.caption_column],

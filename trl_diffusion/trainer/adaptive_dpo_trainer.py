@@ -197,10 +197,8 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
             for i, parameter in enumerate(annotator_params)
         }
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.annotator_names and self.args.should_save:
-            checkpoint = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+    def save_method_state(self, checkpoint):
+        if self.annotator_names:
             save_file(self._annotator_state_dict(), os.path.join(checkpoint, ANNOTATORS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
