@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_families import make_args
 
-from trl_diffusion import METHODS, MaPOConfig, MaPOTrainer
+from trl_diffusion import METHODS, MaPOConfig, MaPOTrainer, PreferenceDataset
 from trl_diffusion.models import WanFamily, get_family
 from trl_diffusion.models.flow_matching import shift_sigmas
 from trl_diffusion.tiny_models import build_tiny_wan
@@ -144,7 +144,11 @@ def test_wan_two_expert_pipelines_are_refused(tiny_wan, tmp_path):
 # ----- every trainer on Wan -----
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# Video families take preference pairs: an unpaired method (Diffusion-KTO) is refused with a clear error (below)
+PAIRWISE_METHODS = [name for name, (trainer, _) in METHODS.items() if trainer.dataset_class is PreferenceDataset]
+
+
+@pytest.mark.parametrize("method", PAIRWISE_METHODS)
 def test_wan_lora_training_saves_an_adapter_wan_pipeline_loads(tiny_wan, method, tmp_path):
     trainer_class, config_class = METHODS[method]
     trainer = trainer_class(
@@ -273,3 +277,9 @@ def test_wan22_ti2v_layout_trains_and_saves_an_adapter(tmp_path):
     pipeline.load_lora_weights(str(tmp_path / "run"))
     with_lora = pipeline("a", generator=torch.Generator().manual_seed(0), **shape).frames
     assert np.abs(with_lora - without_lora).max() > 0
+
+
+def test_an_unpaired_method_is_refused_on_video_with_a_clear_error(tiny_wan, tmp_path):
+    trainer_class, config_class = METHODS["kto"]
+    with pytest.raises(NotImplementedError, match="video families take preference pairs only"):
+        trainer_class(tiny_wan, args=wan_args(tmp_path, config_class), train_dataset=make_video_pairs(2))
