@@ -6,7 +6,8 @@ true reward is saturation, which the prompts never mention):
 1. pre-train (or reuse) the tiny base model;
 2. self-generate preference pairs from it, labelled by the true reward, and flip a fraction of the labels
    (``--flip_rates``), scattered or all from one minority annotator (``--flip_mode``);
-3. train Diffusion-DPO, MaPO and Adaptive-DPO with LoRA at the same budget;
+3. train every method of `trl_diffusion.METHODS` with LoRA at the same budget (Diffusion-KTO on the same pairs,
+   unpaired: one desirable and one undesirable row per pair, twice the rows per batch);
 4. generate from base and base + LoRA with fixed seeds on held-out prompts, and report the true-reward win rate.
 
 A second experiment, "reference mismatch", trains DPO and MaPO on pairs whose chosen image has a style the base model
@@ -35,7 +36,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
 import trl_diffusion
-from trl_diffusion import METHODS
+from trl_diffusion import METHODS, UnpairedPreferenceDataset
 from trl_diffusion.evaluation import evaluate_preference, saturation_scorer
 from trl_diffusion.synthetic import (
     GUIDANCE_SCALE,
@@ -80,11 +81,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train_lora(method: str, base_path: str, dataset, output_dir: str, args, seed: int) -> str:
     """Train one method with LoRA at the shared budget; return the adapter folder."""
     trainer_class, config_class = METHODS[method]
+    # An unpaired method (Diffusion-KTO) reads each pair as two rows: twice the rows is the same images per step.
+    rows_per_pair = 2 if issubclass(trainer_class.dataset_class, UnpairedPreferenceDataset) else 1
     trainer = trainer_class(
         model=base_path,
         args=config_class(
             output_dir=output_dir,
-            per_device_train_batch_size=args.batch_size,
+            per_device_train_batch_size=args.batch_size * rows_per_pair,
             max_steps=args.max_steps,
             learning_rate=args.learning_rate,
             resolution=SIZE,

@@ -26,7 +26,7 @@ from trl_diffusion.model_config import resolve_model_path
 
 
 DATASET = "examples/data/pickapic_tiny"
-BETAS = {"dpo": 2500.0, "mapo": 0.1, "adaptive": 1000.0}
+BETAS = {"dpo": 2500.0, "mapo": 0.1, "adaptive": 1000.0, "kto": 1000.0}
 
 
 class StepTimer(TrainerCallback):

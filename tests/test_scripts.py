@@ -29,7 +29,12 @@ def cache_dir(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("command", "overrides"),
-    [("dpo", []), ("mapo", ["--beta", "0.1"]), ("adaptive-dpo", ["--beta", "1000", "--save_minority_scores", "true"])],
+    [
+        ("dpo", []),
+        ("mapo", ["--beta", "0.1"]),
+        ("adaptive-dpo", ["--beta", "1000", "--save_minority_scores", "true"]),
+        ("kto", ["--beta", "1000"]),
+    ],
 )
 def test_each_script_trains_on_the_bundled_tiny_set(command, overrides, cache_dir, tmp_path):
     trainer = run_in_process(command, tiny_args(tmp_path, "--max_steps", "2", *overrides))
@@ -57,7 +62,7 @@ def test_the_documented_command_trains_on_cpu(cache_dir, tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "scripts", "*.yaml"))))
 def test_example_configs_parse_with_their_script(path):
     name = os.path.basename(path)
-    command = "mapo" if "mapo" in name else "adaptive-dpo" if "adaptive" in name else "dpo"
+    command = "mapo" if "mapo" in name else "adaptive-dpo" if "adaptive" in name else "kto" if "kto" in name else "dpo"
     module = __import__(f"trl_diffusion.scripts.{cli.COMMANDS[command][0]}", fromlist=["make_parser"])
     # bf16 needs a GPU: the CPU test machine overrides it from the command line, as a user would.
     *parsed, config_remaining, cli_remaining = module.make_parser().parse_args_and_config(
@@ -98,7 +103,7 @@ def test_cli_relaunches_the_script_through_accelerate(monkeypatch):
 def test_cli_help(capsys):
     assert cli.main([]) == 0
     out = capsys.readouterr().out
-    assert all(command in out for command in ("dpo", "mapo", "adaptive-dpo"))
+    assert all(command in out for command in ("dpo", "mapo", "adaptive-dpo", "kto"))
 
 
 def test_packaged_accelerate_configs():

@@ -85,7 +85,7 @@ def write_model_card(
     rows = "\n".join(f"| {key} | {value} |" for key, value in hyperparameters.items())
     body = TEMPLATE.read_text().format(
         title=f"{repo}: {method_name} {kind}",
-        summary=f"A {kind} for `{base_model}`, trained with {method_name} on pairwise human preferences.",
+        summary=f"A {kind} for `{base_model}`, trained with {method_name} on human preference data.",
         usage=_usage_snippet(pipeline_class, base_model, repo, is_lora, denoiser_class, denoiser_name),
         method_name=method_name,
         paper_link=paper_link,

@@ -621,7 +621,7 @@ def _tiny_umt5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
     return UMT5EncoderModel(config).eval()
 
 
-def build_tiny_wan(save_directory: str, seed: int = 0) -> str:
+def build_tiny_wan(save_directory: str, seed: int = 0, ti2v: bool = False) -> str:
     """Save a tiny Wan 2.1-style text-to-video pipeline (`WanPipeline`) and return its path.
 
     A UMT5 encoder (``d_model`` 32) with the character-level T5 tokenizer; an `AutoencoderKLWan` with Wan 2.1's
@@ -629,11 +629,16 @@ def build_tiny_wan(save_directory: str, seed: int = 0) -> str:
     3 x 4 x 4) on 4 latent channels with non-trivial ``latents_mean``/``latents_std``; a two-block
     `WanTransformer3DModel` with Wan's ``(1, 2, 2)`` patches; and Wan 2.1's scheduler, `UniPCMultistepScheduler`
     with flow sigmas and ``flow_shift=3``. Frames must be ``4k + 1`` and sides multiples of 16.
+
+    With ``ti2v`` it has the Wan 2.2 TI2V 5B layout instead: a residual VAE that patchifies 2 x 2 pixels first
+    (16x spatially, so sides must be multiples of 32) and a pipeline with ``expand_timesteps`` (one timestep per
+    latent token).
     """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
 
     tokenizer = build_tiny_t5_tokenizer(os.path.join(save_directory, "tokenizer"))
     torch.manual_seed(seed)
+    wan22 = {"is_residual": True, "in_channels": 12, "out_channels": 12, "patch_size": 2, "scale_factor_spatial": 16}
     vae = AutoencoderKLWan(
         base_dim=8,
         z_dim=4,
@@ -642,6 +647,7 @@ def build_tiny_wan(save_directory: str, seed: int = 0) -> str:
         temperal_downsample=[False, True, True],
         latents_mean=[0.1, -0.2, 0.05, 0.3],
         latents_std=[1.5, 2.0, 0.8, 1.2],
+        **(wan22 if ti2v else {}),
     )
     torch.manual_seed(seed)
     transformer = WanTransformer3DModel(
@@ -667,6 +673,7 @@ def build_tiny_wan(save_directory: str, seed: int = 0) -> str:
         vae=vae,
         scheduler=scheduler,
         transformer=transformer,
+        expand_timesteps=ti2v,
     )
     pipeline.save_pretrained(save_directory)
     return save_directory

@@ -67,6 +67,19 @@ class DiffusionPreferenceConfig(_BaseConfig):
             Data-loader worker processes; images are decoded and transformed there, off the training process.
         remove_unused_columns (`bool`, *optional*, defaults to `False`):
             Kept `False`: the trainers select their columns themselves.
+        adapter_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            Train on top of an existing LoRA: a folder or Hub id in a LoRA format the pipeline's `load_lora_weights`
+            reads. The policy starts from it (with its own rank and target modules) and the saved adapter is the
+            trained version of it. LoRA training only; no copy of the denoiser is made (see `docs/training.md`).
+        reference (`str`, *optional*, defaults to `"base+adapter"`):
+            With `adapter_name_or_path`: the reference is the base plus that LoRA, frozen (`"base+adapter"`, held as a
+            second, frozen adapter), or the base alone (`"base"`, the adapters disabled).
+        collapse_warning_accuracy (`float` or `None`, *optional*, defaults to `0.95`):
+            Warn once (in the logs) when `rewards/chosen` falls below zero while the preference accuracy is at least
+            this: a sign of a collapsing run (see `docs/guards.md`). `None` turns the check off.
+        collapse_warning_error_ratio (`float` or `None`, *optional*, defaults to `1.25`):
+            Warn once when the policy's error on the chosen images exceeds the reference's by this factor
+            (`mse/policy_chosen > ratio · mse/ref_chosen`). `None` turns the check off.
 
         > Model-family options (see `docs/supported_models.md`)
 
@@ -221,6 +234,27 @@ class DiffusionPreferenceConfig(_BaseConfig):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the trainers select their columns themselves."}
     )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Train on top of this LoRA (a folder or Hub id in a format load_lora_weights reads)."},
+    )
+    reference: str = field(
+        default="base+adapter",
+        metadata={
+            "help": "With adapter_name_or_path: the reference is the base plus that LoRA (frozen) or the base alone.",
+            "choices": ["base+adapter", "base"],
+        },
+    )
+    collapse_warning_accuracy: float | None = field(
+        default=0.95,
+        metadata={"help": "Warn once when rewards/chosen < 0 while accuracy >= this (None: off)."},
+    )
+    collapse_warning_error_ratio: float | None = field(
+        default=1.25,
+        metadata={
+            "help": "Warn once when the policy's chosen error exceeds the reference's by this factor (None: off)."
+        },
+    )
     pretrained_vae_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "SDXL: a VAE folder or Hub id replacing the pipeline's (e.g. the fp16-fix VAE)."},
@@ -354,6 +388,8 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if len(self.image_columns) != 2:
             raise ValueError(f"image_columns must name exactly two columns, got {self.image_columns}.")
+        if self.reference not in ("base+adapter", "base"):
+            raise ValueError(f"reference must be 'base+adapter' or 'base', got {self.reference!r}.")
         if self.timestep_buckets < 1:
             raise ValueError(f"timestep_buckets must be at least 1, got {self.timestep_buckets}.")
         if self.skip_nonfinite_steps < 0:
