@@ -109,25 +109,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--flip_rates", nargs="+", type=float, default=[0.0, 0.2, 0.4])
     parser.add_argument("--flip_mode", choices=["scattered", "minority"], default="minority")
-    parser.add_argument("--clean_arms", nargs="+", default=list(METHODS), help="Arms trained on the clean pairs.")
+    parser.add_argument("--clean_arms", nargs="*", default=list(METHODS), help="Arms trained on the clean pairs.")
     parser.add_argument(
         "--noise_arms",
-        nargs="+",
+        nargs="*",
         default=["dpo", "adaptive", "dpo:robust", "dpo:conservative"],
         help="Arms trained at every flip rate above 0 (and, like the clean arms, on the clean pairs).",
     )
     parser.add_argument("--beta", type=float, default=1000.0, help="The DPO family's shared β.")
-    parser.add_argument("--beta_sweep", nargs="*", type=float, default=[2500.0], help="Extra β for DPO, Adaptive.")
+    parser.add_argument("--beta_sweep", nargs="*", type=float, default=[], help="Extra β for DPO and Adaptive-DPO.")
     parser.add_argument("--label_smoothing", type=float, default=0.2, help="ε of the robust/conservative losses.")
-    parser.add_argument("--num_pairs", type=int, default=512)
-    parser.add_argument("--max_steps", type=int, default=200)
+    parser.add_argument("--num_pairs", type=int, default=384)
+    parser.add_argument("--max_steps", type=int, default=100)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--pretrain_steps", type=int, default=600)
     parser.add_argument("--num_eval_seeds", type=int, default=8, help="Seeds per training prompt (×4 held-out).")
     parser.add_argument("--skip_mismatch", action="store_true", help="Skip the reference-mismatch experiment.")
     parser.add_argument("--mismatch_arms", nargs="+", default=["dpo", "mapo"])
-    parser.add_argument("--mismatch_learning_rate", type=float, default=1e-4, help="Full fine-tuning's lr.")
+    parser.add_argument("--mismatch_learning_rate", type=float, default=3e-4, help="Full fine-tuning's lr.")
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run of every stage.")
     parser.add_argument(
         "--summarize", action="store_true", help=f"Only write the tables from the records in output_dir/{RECORDS}."
@@ -245,7 +245,9 @@ def record_run(experiment, arm, flip_rate, seed, trainer, seconds_per_step, eval
     record = {"experiment": experiment, "arm": arm.name, "method": arm.method, "flip_rate": flip_rate, "seed": seed}
     record.update(evaluation, seconds_per_step=seconds_per_step, settings=arm.settings)
     if arm.settings.get("save_minority_scores") and flip_rate > 0:
-        record["auroc_u"] = minority_auroc(trainer.args.output_dir, dataset["flipped"], trainer.args.max_steps // 2)
+        # Every score the loss used: all steps after the warm-up (u = 0 during it).
+        warmup = trainer.args.minority_warmup_steps
+        record["auroc_u"] = minority_auroc(trainer.args.output_dir, dataset["flipped"], warmup)
     with open(os.path.join(os.path.dirname(trainer.args.output_dir), RECORDS), "a") as f:
         f.write(json.dumps(record) + "\n")
     print(json.dumps(record), flush=True)
@@ -371,7 +373,11 @@ def comparison_tables(records, args) -> list[str]:
                 f"per seed {', '.join(f'{100 * x:.0f}%' for x in ratios)}"
             )
         aurocs = [(rate, [r["auroc_u"] for r in adaptive[rate] if "auroc_u" in r]) for rate in rates[1:]]
-        lines += ["", "AUROC of Adaptive-DPO's u against the known flips (pair's mean u over the second half):", ""]
+        lines += [
+            "",
+            "AUROC of Adaptive-DPO's u against the known flips (each pair's mean u over all steps after the warm-up):",
+            "",
+        ]
         for rate, values in aurocs:
             if values:
                 lines.append(f"- {rate:.0%} flipped: {fmt(values, percent=False)}")

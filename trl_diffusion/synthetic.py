@@ -77,8 +77,8 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
 def pretrain_base_model(path: str, steps: int = 600, batch_size: int = 32, seed: int = 0) -> str:
     """Build a tiny SD pipeline at ``path`` and pre-train it on captioned squares; reuse it if already there.
 
-    The VAE is trained first to reconstruct squares (``steps // 2`` steps), then the UNet to denoise their latents
-    conditioned on the captions (``steps`` steps). Returns ``path``.
+    The VAE is trained first to reconstruct squares, half of them framed (``steps // 2`` steps), then the UNet to
+    denoise the latents of unframed squares conditioned on the captions (``steps`` steps). Returns ``path``.
     """
     if os.path.isfile(os.path.join(path, "model_index.json")) and os.path.isfile(os.path.join(path, ".pretrained")):
         return path
@@ -90,7 +90,12 @@ def pretrain_base_model(path: str, steps: int = 600, batch_size: int = 32, seed:
     vae, unet = pipeline.vae, pipeline.unet
     optimizer = torch.optim.AdamW(vae.parameters(), lr=2e-3)
     for _ in range(steps // 2):
-        pixels = _to_tensor(render_squares(list(rng.choice(names, batch_size)), rng))
+        images = render_squares(list(rng.choice(names, batch_size)), rng)
+        # The VAE (never the UNet) also learns framed squares, so that the reference-mismatch style (`add_frame`)
+        # survives encoding: without them the frame is lost in latent space and no method can learn it.
+        framed = rng.random(batch_size) < 0.5
+        images[framed] = add_frame(images[framed])
+        pixels = _to_tensor(images)
         posterior = vae.encode(pixels).latent_dist
         loss = F.mse_loss(vae.decode(posterior.sample()).sample, pixels) + 1e-6 * posterior.kl().mean()
         optimizer.zero_grad()
