@@ -114,13 +114,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--noise_arms",
         nargs="*",
         default=["dpo", "adaptive", "dpo:robust", "dpo:conservative"],
-        help="Arms trained at every flip rate above 0 (and, like the clean arms, on the clean pairs).",
+        help="Arms trained at every flip rate above 0.",
     )
     parser.add_argument("--beta", type=float, default=1000.0, help="The DPO family's shared β.")
     parser.add_argument("--beta_sweep", nargs="*", type=float, default=[], help="Extra β for DPO and Adaptive-DPO.")
     parser.add_argument("--label_smoothing", type=float, default=0.2, help="ε of the robust/conservative losses.")
-    parser.add_argument("--num_pairs", type=int, default=384)
-    parser.add_argument("--max_steps", type=int, default=100)
+    parser.add_argument("--num_pairs", type=int, default=256)
+    parser.add_argument("--max_steps", type=int, default=60)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--pretrain_steps", type=int, default=600)
@@ -129,6 +129,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mismatch_arms", nargs="+", default=["dpo", "mapo"])
     parser.add_argument("--mismatch_learning_rate", type=float, default=3e-4, help="Full fine-tuning's lr.")
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run of every stage.")
+    parser.add_argument(
+        "--resume", action="store_true", help=f"Keep the runs already in output_dir/{RECORDS}; train the others."
+    )
     parser.add_argument(
         "--summarize", action="store_true", help=f"Only write the tables from the records in output_dir/{RECORDS}."
     )
@@ -254,38 +257,57 @@ def record_run(experiment, arm, flip_rate, seed, trainer, seconds_per_step, eval
     return record
 
 
+def stages(args) -> list[tuple[str, float, list[Arm]]]:
+    """``(experiment, flip_rate, arms)`` in the order they run: the targets' core first, so that a run stopped early
+    has every seed of the most important arms (clean pairs, the highest flip rate, mismatch, then the rest)."""
+    clean = [make_arm(spec, args) for spec in args.clean_arms]
+    noise = [make_arm(spec, args) for spec in args.noise_arms]
+    sweep = [make_arm(f"{m}@{beta:g}", args) for beta in args.beta_sweep for m in ("dpo", "adaptive")]
+    noisy_rates = sorted((rate for rate in args.flip_rates if rate > 0), reverse=True)
+    order = [("flips", 0.0, clean)] if 0.0 in args.flip_rates else []
+    order += [("flips", rate, noise) for rate in noisy_rates[:1]]
+    if not args.skip_mismatch:
+        order.append(("mismatch", 0.0, [make_arm(spec, args) for spec in args.mismatch_arms]))
+    order += [("flips", rate, noise) for rate in noisy_rates[1:]]
+    order += [("flips", rate, sweep) for rate in ([0.0] if 0.0 in args.flip_rates else []) + noisy_rates[:1]]
+    return [stage for stage in order if stage[2]]
+
+
 def run(args) -> list[dict]:
     os.makedirs(args.output_dir, exist_ok=True)
-    if os.path.exists(os.path.join(args.output_dir, RECORDS)):
-        os.remove(os.path.join(args.output_dir, RECORDS))
+    records_path = os.path.join(args.output_dir, RECORDS)
+    records = []
+    if args.resume and os.path.exists(records_path):
+        with open(records_path) as f:
+            records = [json.loads(line) for line in f]
+    elif os.path.exists(records_path):
+        os.remove(records_path)
+    done = {(r["experiment"], r["arm"], r["flip_rate"], r["seed"]) for r in records}
     with open(os.path.join(args.output_dir, "command.txt"), "w") as f:
-        f.write("python benchmarks/efficacy.py " + shlex.join(args.argv))
+        f.write("python benchmarks/efficacy.py " + shlex.join([a for a in args.argv if a != "--resume"]))
     base_path = pretrain_base_model(os.path.join(args.output_dir, "base-model"), steps=args.pretrain_steps)
     base = StableDiffusionPipeline.from_pretrained(base_path)
     base.set_progress_bar_config(disable=True)
     evaluate = Evaluator(base, args.num_eval_seeds)
-    clean_arms = [make_arm(spec, args) for spec in dict.fromkeys(args.clean_arms + args.noise_arms)]
-    noise_arms = [make_arm(spec, args) for spec in args.noise_arms]
-    sweep = [make_arm(f"{m}@{beta:g}", args) for beta in args.beta_sweep for m in ("dpo", "adaptive")]
-    records = []
-    for seed in args.seeds:
-        clean = self_generated_pairs(base, args.num_pairs, seed=seed)
-        for flip_rate in args.flip_rates:
-            dataset = flip_labels(clean, flip_rate, args.flip_mode, seed=seed)
-            arms = clean_arms if flip_rate == 0 else noise_arms
-            arms = arms + (sweep if flip_rate in (0, max(args.flip_rates)) else [])
-            for arm in arms:
-                folder = os.path.join(args.output_dir, f"{arm.name.replace(':', '-')}-flip{flip_rate:g}-seed{seed}")
-                trainer, seconds = train(arm, base_path, dataset, folder, args, seed)
-                evaluation = evaluate(saturation_scorer, lora=folder)
-                records.append(record_run("flips", arm, flip_rate, seed, trainer, seconds, evaluation, dataset))
-        if not args.skip_mismatch:
-            dataset = mismatched_pairs(base, args.num_pairs, seed=seed)
-            for arm in [make_arm(spec, args) for spec in args.mismatch_arms]:
-                folder = os.path.join(args.output_dir, f"mismatch-{arm.name}-seed{seed}")
-                trainer, seconds = train(arm, base_path, dataset, folder, args, seed, full=True)
-                evaluation = evaluate(frame_scorer, unet=folder)
-                records.append(record_run("mismatch", arm, 0.0, seed, trainer, seconds, evaluation, dataset))
+    clean_pairs, mismatch_pairs = {}, {}
+    for experiment, flip_rate, arms in stages(args):
+        for seed in args.seeds:
+            for arm in [arm for arm in arms if (experiment, arm.name, flip_rate, seed) not in done]:
+                name = f"{arm.name.replace(':', '-')}-flip{flip_rate:g}-seed{seed}"
+                if experiment == "mismatch":
+                    if seed not in mismatch_pairs:
+                        mismatch_pairs[seed] = mismatched_pairs(base, args.num_pairs, seed=seed)
+                    dataset, folder = mismatch_pairs[seed], os.path.join(args.output_dir, f"mismatch-{name}")
+                else:
+                    if seed not in clean_pairs:
+                        clean_pairs[seed] = self_generated_pairs(base, args.num_pairs, seed=seed)
+                    dataset = flip_labels(clean_pairs[seed], flip_rate, args.flip_mode, seed=seed)
+                    folder = os.path.join(args.output_dir, name)
+                full = experiment == "mismatch"
+                trainer, seconds = train(arm, base_path, dataset, folder, args, seed, full=full)
+                scorer = frame_scorer if full else saturation_scorer
+                evaluation = evaluate(scorer, unet=folder) if full else evaluate(scorer, lora=folder)
+                records.append(record_run(experiment, arm, flip_rate, seed, trainer, seconds, evaluation, dataset))
     return records
 
 

@@ -181,7 +181,8 @@ def test_efficacy_benchmark_smoke(tmp_path):
     assert {r["settings"].get("beta") for r in records if r["method"] in ("dpo", "adaptive")} == {1000.0}
     text = results.read_text()
     assert "kept" in text and "| adaptive |" in text and "| adaptive − dpo |" in text and "MaPO − DPO" in text
-    assert json.loads((tmp_path / "out" / "efficacy.json").read_text()) == records
+    # Text, not values: an AUROC is NaN when the two quick steps leave no scored flipped pair (NaN != NaN).
+    assert (tmp_path / "out" / "efficacy.json").read_text() == json.dumps(records, indent=1)
     efficacy.main(["--quick", "--output_dir", str(tmp_path / "out"), "--results", str(results)])
     assert results.read_text().count("<!-- efficacy:start -->") == 1  # a rerun replaces its section
 
