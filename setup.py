@@ -29,10 +29,13 @@ setup(
     ],
     extras_require={
         "quantization": ["bitsandbytes>=0.50"],
+        "video": ["av>=12"],  # PyAV: decodes (and encodes) the videos of video preference datasets
         "deepspeed": ["deepspeed"],
         "test": [
             "pytest>=8",
+            "hypothesis>=6",  # property-based fuzzing of the data path (tests/test_data_robustness.py)
             "bitsandbytes>=0.50",  # its CPU kernels let the 8-bit optimizer and QLoRA tests run without a GPU
+            "av>=12",  # the video tests encode and decode mp4/webm clips
             "tensorboard",
             "nbclient",
             "nbformat",
@@ -43,7 +46,9 @@ setup(
         "docs": ["mkdocs>=1.6", "mkdocstrings[python]"],
         "dev": [
             "pytest>=8",
+            "hypothesis>=6",
             "bitsandbytes>=0.50",
+            "av>=12",
             "tensorboard",
             "ruff>=0.6",
             "matplotlib",

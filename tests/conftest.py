@@ -17,7 +17,13 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from trl_diffusion.tiny_models import build_tiny_flux, build_tiny_sd3, build_tiny_sdxl, build_tiny_stable_diffusion  # noqa: E402
+from trl_diffusion.tiny_models import (  # noqa: E402
+    build_tiny_flux,
+    build_tiny_sd3,
+    build_tiny_sdxl,
+    build_tiny_stable_diffusion,
+    build_tiny_wan,
+)
 
 
 def pytest_sessionfinish(session, exitstatus):
@@ -96,3 +102,8 @@ def tiny_sd3(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> str:
     return build_tiny_flux(str(tmp_path_factory.mktemp("tiny-flux")))
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory) -> str:
+    return build_tiny_wan(str(tmp_path_factory.mktemp("tiny-wan")))

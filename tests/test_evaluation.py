@@ -6,18 +6,25 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_pickapic
+from helpers.videos import make_video_pairs
+from peft import LoraConfig
 from PIL import Image
 from test_trainers import make_trainer
+from test_wan import wan_args
 
-from trl_diffusion import METHODS
+from trl_diffusion import METHODS, DiffusionDPOConfig, DiffusionDPOTrainer
 from trl_diffusion.evaluation import (
     CLIPScorer,
     EvaluationCallback,
     PickScoreScorer,
     bootstrap_mean_ci,
     evaluate_preference,
+    evaluate_video_preference,
+    per_frame_scorer,
     redness_scorer,
     saturation_scorer,
+    temporal_smoothness_scorer,
+    video_redness_scorer,
     win_rate,
 )
 from trl_diffusion.synthetic import add_frame, frame_scorer, render_squares
@@ -198,3 +205,42 @@ def test_efficacy_statistics_on_known_values():
     assert (mean, low, high) == pytest.approx((0.8, 0.6, 1.0)) and (ci_low, ci_high) == pytest.approx(
         (0.8 - half, 0.8 + half)
     )
+
+
+# ----- video -----
+
+
+def test_rule_based_video_scorers_on_known_clips():
+    red = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    flicker = red.copy()
+    flicker[1::2] = 0  # every other frame black
+    np.testing.assert_allclose(video_redness_scorer([red, flicker]), [255, 127.5])
+    np.testing.assert_allclose(temporal_smoothness_scorer([red, flicker, red[:1]]), [0, -1 / 3, 0])
+    # An image scorer averaged over frames spread across the clip: frames 0, 1, 2, 3 of 4 -> 255, 0, 255, 0
+    np.testing.assert_allclose(per_frame_scorer(redness_scorer)([red, flicker], ["a", "b"]), [255, 127.5])
+    np.testing.assert_allclose(per_frame_scorer(redness_scorer, num_frames=2)([flicker], ["a"]), [127.5])
+
+
+def test_evaluate_video_preference_with_fixed_seeds(tiny_wan, tmp_path):
+    clip = {"num_frames": 5, "height": 32, "width": 32, "num_inference_steps": 2}
+    same = evaluate_video_preference(tiny_wan, ["a", "b"], video_redness_scorer, tuned=tiny_wan, seeds=[1, 2], **clip)
+    assert same.win_rate == 0.5 and same.mean_difference == 0.0
+    assert [row["seed"] for row in same.rows] == [1, 2, 1, 2] and [row["prompt"] for row in same.rows][:2] == ["a"] * 2
+    assert same.base_images[0].shape == (5, 32, 32, 3) and same.base_images[0].dtype == np.uint8
+    assert not np.array_equal(same.base_images[0], same.base_images[1])  # different seeds, different clips
+    args = wan_args(tmp_path / "run", DiffusionDPOConfig, learning_rate=0.05, max_steps=3)
+    trainer = DiffusionDPOTrainer(
+        tiny_wan, args=args, train_dataset=make_video_pairs(2), peft_config=LoraConfig(r=4, lora_alpha=4)
+    )
+    trainer.train()
+    trainer.save_model()
+    result = evaluate_video_preference(
+        tiny_wan, ["a", "b"], temporal_smoothness_scorer, lora=str(tmp_path / "run"), seeds=[1, 2], **clip
+    )
+    assert len(result.rows) == 4 and 0 <= result.win_rate <= 1
+    # The base clips are the same generations as before (fixed seeds); the tuned ones differ
+    for base_clip, again in zip(same.base_images, result.base_images, strict=True):
+        np.testing.assert_array_equal(base_clip, again)
+    assert any(not np.array_equal(b, t) for b, t in zip(result.base_images, result.tuned_images, strict=True))
+    assert result.ci_low <= result.mean_difference <= result.ci_high

@@ -5,6 +5,7 @@ __version__ = "0.1.0.dev0"
 from .data import DiffusionPreferenceCollator, PreferenceDataset
 from .losses import adaptive_dpo_loss, diffusion_dpo_loss, mapo_loss, minority_scores
 from .model_config import DiffusionModelConfig
+from .preference_pairs import PreferencePairs, generate_preference_pairs, save_preference_pairs
 from .trainer import (
     METHODS,
     AdaptiveDPOConfig,
@@ -31,8 +32,11 @@ __all__ = [
     "MaPOConfig",
     "MaPOTrainer",
     "PreferenceDataset",
+    "PreferencePairs",
     "adaptive_dpo_loss",
     "diffusion_dpo_loss",
+    "generate_preference_pairs",
     "mapo_loss",
     "minority_scores",
+    "save_preference_pairs",
 ]

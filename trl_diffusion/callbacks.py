@@ -20,8 +20,22 @@ def validation_image_name(index: int) -> str:
     return f"validation_{index}.png"
 
 
+def frame_strip(frames: Sequence[Image.Image], num_frames: int = 4) -> Image.Image:
+    """``num_frames`` frames of a clip, spread evenly from its first to its last, side by side in one image."""
+    count = min(num_frames, len(frames))
+    indices = [round(i * (len(frames) - 1) / max(count - 1, 1)) for i in range(count)]
+    width, height = frames[0].size
+    strip = Image.new("RGB", (width * count, height))
+    for position, index in enumerate(indices):
+        strip.paste(frames[index].convert("RGB"), (position * width, 0))
+    return strip
+
+
 class ValidationImagesCallback(TrainerCallback):
     """Generate one image per prompt with the policy every ``every_n_steps`` steps and at the end of training.
+
+    For a video family (Wan) each prompt's clip (``num_frames`` frames of the training frame size) is shown as a
+    strip of four frames from its first to its last ([`frame_strip`]).
 
     The images are made with the trainer's own pipeline (the denoiser being trained, LoRA adapters active), one seeded
     generator per prompt so successive rounds are comparable. Each round is logged to TensorBoard and Weights & Biases
@@ -71,21 +85,21 @@ class ValidationImagesCallback(TrainerCallback):
         denoiser.eval()
         pipeline.set_progress_bar_config(disable=True)
         dtype, device = trainer.weight_dtype, trainer.accelerator.device
-        size = trainer.args.resolution
+        family = trainer.family
+        if family.is_video:
+            height, width = family.frame_size
+            shape = {"height": height, "width": width, "num_frames": family.num_frames}
+        else:
+            shape = {"height": trainer.args.resolution, "width": trainer.args.resolution}
         images = []
         try:
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 for index, prompt in enumerate(self.prompts):
                     generator = torch.Generator().manual_seed(self.seed + index)
                     output = pipeline(
-                        prompt,
-                        height=size,
-                        width=size,
-                        generator=generator,
-                        output_type="pil",
-                        **self.generation_kwargs,
+                        prompt=prompt, generator=generator, output_type="pil", **shape, **self.generation_kwargs
                     )
-                    images.append(output.images[0])
+                    images.append(frame_strip(output.frames[0]) if family.is_video else output.images[0])
         finally:
             denoiser.train(was_training)
         return images

@@ -43,6 +43,28 @@ class PreparationStats:
     def num_pairs(self) -> int:
         return self.num_rows - self.num_ties - self.num_invalid_labels - self.num_invalid_captions
 
+    def explain_empty(self) -> str:
+        """The error for a dataset left without pairs: what dropped each row, and what to change."""
+        if self.num_rows == 0:
+            return "The dataset is empty: it has no rows to train on."
+        reasons = []
+        if self.num_ties:
+            reasons.append(
+                f"{self.num_ties} were ties (label 0.5) dropped by drop_ties: a pairwise loss needs a preferred image, "
+                "so give those pairs a 1 or a 0, or add pairs that have one"
+            )
+        if self.num_invalid_labels:
+            reasons.append(
+                f"{self.num_invalid_labels} had an invalid label or confidence, skipped by skip_invalid_rows "
+                "(the warnings above name each row and column): fix the label column (1, 0 or 0.5)"
+            )
+        if self.num_invalid_captions:
+            reasons.append(
+                f"{self.num_invalid_captions} had a caption that is not a string, skipped by skip_invalid_rows: "
+                "fix the caption column (or point caption_column at the right one)"
+            )
+        return f"No usable preference pairs among the {self.num_rows} rows of the dataset: " + "; ".join(reasons) + "."
+
 
 def _column_values(dataset, column: str) -> list:
     return list(dataset[column])
@@ -189,7 +211,7 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 self.stats.num_invalid_captions,
             )
         if not self.rows:
-            raise ValueError(f"No usable preference pairs among the {len(dataset)} rows of the dataset.")
+            raise ValueError(self.stats.explain_empty())
 
     def _undecode_image_columns(self):
         """Read `datasets.Image` columns as bytes, so decoding errors surface here with their row and column."""
@@ -217,8 +239,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
         first, second = self.image_columns
         chosen_column, rejected_column = (second, first) if swap else (first, second)
         try:
-            images = [load_image(record[chosen_column], row, chosen_column)]
-            images.append(load_image(record[rejected_column], row, rejected_column))
+            images = [self.decode_cell(record[chosen_column], row, chosen_column)]
+            images.append(self.decode_cell(record[rejected_column], row, rejected_column))
         except ValueError as error:
             if not self.skip_invalid_rows:
                 raise
@@ -226,15 +248,30 @@ class PreferenceDataset(torch.utils.data.Dataset):
             return None
         return record, images
 
+    def decode_cell(self, value, row: int, column: str):
+        """Decode one image cell (see [`load_image`]); video datasets decode videos here."""
+        return load_image(value, row, column)
+
+    def transform_pair(self, images: list, flip: bool | None = None) -> tuple[list[torch.Tensor], list, list]:
+        """The pair's shared crop and flip (see [`paired_transform`]); ``flip`` forces the flip decision."""
+        return paired_transform(images, self.resolution, self.random_crop, self.random_flip, flip=flip)
+
+    def transform_options(self) -> dict:
+        """The settings that decide a pair's pixels, for the encoding cache's fingerprint."""
+        return {"resolution": self.resolution, "random_crop": self.random_crop}
+
+    @property
+    def has_fixed_crops(self) -> bool:
+        """Whether a pair's crop is the same every epoch (only then can its encoding be cached)."""
+        return not self.random_crop
+
     def __getitem__(self, index: int) -> dict | None:
         loaded = self.load_pair(index)
         if loaded is None:
             return None
         record, images = loaded
         row = self.rows[index][0]
-        tensors, original_sizes, crop_top_lefts = paired_transform(
-            images, self.resolution, self.random_crop, self.random_flip
-        )
+        tensors, original_sizes, crop_top_lefts = self.transform_pair(images)
         example = {
             "chosen_pixel_values": tensors[0],
             "rejected_pixel_values": tensors[1],
@@ -269,7 +306,10 @@ class DiffusionPreferenceCollator:
     def __call__(self, examples: list[dict | None]) -> dict:
         valid = [example for example in examples if example is not None]
         if not valid:
-            raise ValueError(f"All {len(examples)} pairs of a batch were unreadable and skipped; check the dataset.")
+            raise ValueError(
+                f"All {len(examples)} pairs of a batch had an unreadable image and were skipped (skip_invalid_rows): "
+                "no pair is left to train on. The warnings above name each row and column; fix or remove those rows."
+            )
         if "latents" in valid[0]:
             batch = _collate_encodings(valid)
         else:

@@ -10,7 +10,8 @@ the same run) loads it and encodes nothing.
 The rule for what can be cached: a pair's encodings must be a function of the pair alone.
 
 - Centre crops are cached; random crops change every epoch and stay on the uncached path (``random_crop=True``
-  turns ``precompute_encodings`` off by default, and setting both is an error).
+  turns ``precompute_encodings`` off by default, and setting both is an error). The same holds for videos'
+  ``temporal_crop="random"``; a video pair's cache row holds its clip's latents ``(2, C, F', h, w)``.
 - With ``random_flip`` both flips of each pair are cached, and each step picks one per pair with the pair's seeded
   generator (see ``pair_seed``), so its chosen and rejected images share the flip.
 - Caption dropout substitutes the family's encoding of the empty prompt, computed once.
@@ -43,7 +44,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from .data import PreferenceDataset, paired_transform
+from .data import PreferenceDataset
 
 
 if TYPE_CHECKING:
@@ -64,7 +65,7 @@ _DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": 
 def precompute_encodings_enabled(args: "DiffusionPreferenceConfig") -> bool:
     """The rule: cache unless told not to, or unless random crops make a pair's encoding change every epoch."""
     if args.precompute_encodings is None:
-        return not args.random_crop
+        return not args.random_crop and args.temporal_crop != "random"
     return args.precompute_encodings
 
 
@@ -122,8 +123,7 @@ def encodings_fingerprint(trainer: "DiffusionPreferenceTrainer", dataset: Prefer
         "dataset": getattr(dataset.dataset, "_fingerprint", None),
         "pairs": hashlib.sha256(json.dumps(dataset.rows).encode()).hexdigest(),
         "columns": [list(dataset.image_columns), dataset.caption_column, dataset.confidence_column],
-        "resolution": dataset.resolution,
-        "random_crop": dataset.random_crop,
+        "transform": dataset.transform_options(),
         "flips": list(flips),
         "family": f"{type(family).__module__}.{type(family).__qualname__}",
         "pipeline": type(family.pipeline).__name__,
@@ -275,9 +275,7 @@ class _PixelPairs(torch.utils.data.Dataset):
         record, images = loaded
         pixels = []
         for flip in self.flips:
-            tensors, original_sizes, crop_top_lefts = paired_transform(
-                images, self.dataset.resolution, random_crop=False, flip=flip
-            )
+            tensors, original_sizes, crop_top_lefts = self.dataset.transform_pair(images, flip=flip)
             pixels.append(torch.stack(tensors))
         example = {
             "pair_index": index,
@@ -333,10 +331,10 @@ def encode_dataset(
 ) -> EncodedPreferenceDataset:
     """Encode every pair of ``dataset`` once with ``datasets.map``, or load the cache a previous run wrote."""
     args = trainer.args
-    if dataset.random_crop:
+    if not dataset.has_fixed_crops:
         raise ValueError(
-            "precompute_encodings caches centre crops; random_crop=True changes every pair's crop each epoch. "
-            "Set precompute_encodings=False (or leave it unset) to train with random crops."
+            "precompute_encodings caches fixed crops; random_crop=True (or temporal_crop='random') changes every "
+            "pair's crop each epoch. Set precompute_encodings=False (or leave it unset) to train with random crops."
         )
     flips = (False, True) if dataset.random_flip else (False,)
     fingerprint = encodings_fingerprint(trainer, dataset, flips)

@@ -4,6 +4,7 @@ A scorer is any callable ``scorer(images, prompts) -> scores``: a list of PIL im
 per image out (higher is better). [`evaluate_preference`] generates images from the base and the tuned model with the
 same prompts and seeds, scores both, and reports the win rate of tuned over base (ties count 1/2) and the mean score
 difference with a bootstrap confidence interval. [`EvaluationCallback`] runs the same check during training.
+[`evaluate_video_preference`] does the same for text-to-video pipelines with per-video scorers.
 """
 
 import logging
@@ -16,10 +17,14 @@ from diffusers import DiffusionPipeline
 from PIL import Image
 from transformers import TrainerCallback
 
+# The scorers live in `scorers.py`; these names stay importable from here.
+from .scorers import CLIPScorer, PickScoreScorer, Scorer, redness_scorer, saturation_scorer  # noqa: F401
+
 
 logger = logging.getLogger(__name__)
 
-Scorer = Callable[[list[Image.Image], list[str]], Sequence[float]]
+# A video scorer takes clips as (F, H, W, 3) uint8 arrays and their prompts, and returns one float per clip
+VideoScorer = Callable[[list[np.ndarray], list[str]], Sequence[float]]
 
 
 # ----- statistics -----
@@ -47,94 +52,6 @@ def bootstrap_mean_ci(
     return float(low), float(high)
 
 
-# ----- scorers -----
-
-
-def _pixels(images: list[Image.Image]) -> np.ndarray:
-    return np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])
-
-
-def redness_scorer(images: list[Image.Image], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based: mean of ``R − (G + B)/2`` over the image, in ``[−255, 255]``."""
-    pixels = _pixels(images)
-    return (pixels[..., 0] - (pixels[..., 1] + pixels[..., 2]) / 2).mean(axis=(1, 2))
-
-
-def saturation_scorer(images: list[Image.Image], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based: mean HSV saturation ``(max − min) / max`` over the image, in ``[0, 1]``."""
-    pixels = _pixels(images)
-    high, low = pixels.max(axis=-1), pixels.min(axis=-1)
-    return np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0).mean(axis=(1, 2))
-
-
-class CLIPScorer:
-    """CLIP similarity of image and prompt: ``scale · cos(image embedding, text embedding)``.
-
-    Args:
-        model_name_or_path: a `transformers.CLIPModel` folder or Hub id.
-        processor_name_or_path: its `CLIPProcessor` (defaults to ``model_name_or_path``).
-        scale: multiplies the cosine; 100 gives the usual CLIP-score range.
-        device, dtype: where and in what precision the model runs.
-    """
-
-    def __init__(
-        self,
-        model_name_or_path: str,
-        processor_name_or_path: str | None = None,
-        scale: float = 100.0,
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        from transformers import CLIPModel, CLIPProcessor
-
-        self.model = CLIPModel.from_pretrained(model_name_or_path, dtype=dtype).to(device).eval()
-        self.processor = CLIPProcessor.from_pretrained(processor_name_or_path or model_name_or_path)
-        self.scale = scale
-        self.device = device
-
-    def _logit_scale(self) -> float:
-        return self.scale
-
-    @torch.no_grad()
-    def __call__(self, images: list[Image.Image], prompts: list[str]) -> np.ndarray:
-        inputs = self.processor(
-            text=list(prompts), images=list(images), return_tensors="pt", padding=True, truncation=True
-        ).to(self.device)
-        image_embeds = self.model.get_image_features(pixel_values=inputs["pixel_values"])
-        text_embeds = self.model.get_text_features(
-            input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]
-        )
-        image_embeds = torch.nn.functional.normalize(_as_tensor(image_embeds).float(), dim=-1)
-        text_embeds = torch.nn.functional.normalize(_as_tensor(text_embeds).float(), dim=-1)
-        return (self._logit_scale() * (image_embeds * text_embeds).sum(dim=-1)).cpu().numpy()
-
-
-class PickScoreScorer(CLIPScorer):
-    """PickScore (Kirstain et al. 2023): a CLIP model fine-tuned on Pick-a-Pic, scored as ``exp(logit_scale) · cos``.
-
-    Defaults name the public PickScore checkpoint and its processor; pass local folders to run offline.
-    """
-
-    def __init__(
-        self,
-        model_name_or_path: str = "yuvalkirstain/PickScore_v1",
-        processor_name_or_path: str | None = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
-        device: str | torch.device = "cpu",
-        dtype: torch.dtype = torch.float32,
-    ):
-        super().__init__(model_name_or_path, processor_name_or_path, device=device, dtype=dtype)
-
-    def _logit_scale(self) -> float:
-        return float(self.model.logit_scale.exp())
-
-
-def _as_tensor(output) -> torch.Tensor:
-    """``get_*_features`` returns a tensor, or a model output holding the pooled projection in recent transformers."""
-    if isinstance(output, torch.Tensor):
-        return output
-    return output.pooler_output
-
-
 # ----- generation and evaluation -----
 
 
@@ -147,7 +64,8 @@ class PreferenceEvaluation:
         mean_difference: mean of ``tuned − base`` scores.
         ci_low, ci_high: bootstrap confidence interval of ``mean_difference``.
         rows: one dict per (prompt, seed): ``prompt``, ``seed``, ``base_score``, ``tuned_score``.
-        base_images, tuned_images: the generated images, in the order of ``rows``.
+        base_images, tuned_images: the generated images (clips, for [`evaluate_video_preference`]), in the order of
+            ``rows``.
     """
 
     win_rate: float
@@ -155,8 +73,8 @@ class PreferenceEvaluation:
     ci_low: float
     ci_high: float
     rows: list[dict] = field(default_factory=list)
-    base_images: list[Image.Image] = field(default_factory=list, repr=False)
-    tuned_images: list[Image.Image] = field(default_factory=list, repr=False)
+    base_images: list = field(default_factory=list, repr=False)
+    tuned_images: list = field(default_factory=list, repr=False)
 
 
 def generate_paired(
@@ -225,26 +143,34 @@ def evaluate_preference(
         batch_size: images generated at once.
         generation_kwargs: passed to the pipelines (``num_inference_steps``, ``guidance_scale``, ``height``...).
     """
+
+    def generate(pipeline, seeds):
+        return generate_images(pipeline, prompts, seeds, batch_size, **generation_kwargs)
+
+    seeds = list(seeds) if seeds is not None else list(range(num_images_per_prompt))
+    return _compare(pipeline_or_path, list(prompts), scorer, lora, tuned, seeds, confidence, generate)
+
+
+def _compare(pipeline_or_path, prompts, scorer, lora, tuned, seeds, confidence, generate) -> PreferenceEvaluation:
+    """Generate with ``generate(pipeline, seeds)`` from the base and the tuned model, score both, summarise."""
     if (lora is None) == (tuned is None):
         raise ValueError("Pass exactly one of `lora` (an adapter for the base pipeline) or `tuned` (a pipeline).")
     base = (
         DiffusionPipeline.from_pretrained(pipeline_or_path) if isinstance(pipeline_or_path, str) else pipeline_or_path
     )
-    seeds = list(seeds) if seeds is not None else list(range(num_images_per_prompt))
-    prompts = list(prompts)
-    base_images = generate_images(base, prompts, seeds, batch_size, **generation_kwargs)
+    base_outputs = generate(base, seeds)
     if lora is not None:
         base.load_lora_weights(lora, adapter_name="evaluated")
         try:
-            tuned_images = generate_images(base, prompts, seeds, batch_size, **generation_kwargs)
+            tuned_outputs = generate(base, seeds)
         finally:
             base.delete_adapters("evaluated")
     else:
         tuned = DiffusionPipeline.from_pretrained(tuned) if isinstance(tuned, str) else tuned
-        tuned_images = generate_images(tuned, prompts, seeds, batch_size, **generation_kwargs)
-    image_prompts = [prompt for prompt in prompts for _ in seeds]
-    base_scores = np.asarray(scorer(base_images, image_prompts), dtype=np.float64)
-    tuned_scores = np.asarray(scorer(tuned_images, image_prompts), dtype=np.float64)
+        tuned_outputs = generate(tuned, seeds)
+    output_prompts = [prompt for prompt in prompts for _ in seeds]
+    base_scores = np.asarray(scorer(base_outputs, output_prompts), dtype=np.float64)
+    tuned_scores = np.asarray(scorer(tuned_outputs, output_prompts), dtype=np.float64)
     rate, mean, low, high = summarize(base_scores, tuned_scores, confidence)
     rows = [
         {"prompt": prompt, "seed": seed, "base_score": float(b), "tuned_score": float(t)}
@@ -252,7 +178,94 @@ def evaluate_preference(
             [(p, s) for p in prompts for s in seeds], base_scores, tuned_scores, strict=True
         )
     ]
-    return PreferenceEvaluation(rate, mean, low, high, rows, base_images, tuned_images)
+    return PreferenceEvaluation(rate, mean, low, high, rows, base_outputs, tuned_outputs)
+
+
+# ----- video -----
+
+
+def video_redness_scorer(videos: list[np.ndarray], prompts: list[str] | None = None) -> np.ndarray:
+    """Rule-based, per video: mean of ``R − (G + B)/2`` over all frames and pixels, in ``[−255, 255]``."""
+    scores = []
+    for video in videos:
+        video = np.asarray(video, dtype=np.float32)
+        scores.append(float(np.mean(video[..., 0] - (video[..., 1] + video[..., 2]) / 2)))
+    return np.array(scores)
+
+
+def temporal_smoothness_scorer(videos: list[np.ndarray], prompts: list[str] | None = None) -> np.ndarray:
+    """Rule-based, per video: ``−mean |x_{t+1} − x_t| / 255`` over consecutive frames, in ``[−1, 0]`` (0: static)."""
+    scores = []
+    for video in videos:
+        video = np.asarray(video, dtype=np.float32)
+        scores.append(-float(np.abs(np.diff(video, axis=0)).mean()) / 255 if len(video) > 1 else 0.0)
+    return np.array(scores)
+
+
+def per_frame_scorer(image_scorer: Scorer, num_frames: int | None = 4) -> VideoScorer:
+    """A video scorer from an image scorer (CLIP, PickScore...): the mean score of ``num_frames`` frames spread
+    evenly over each video (all frames with ``None``), each scored with the video's prompt."""
+
+    def score(videos: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+        frames, frame_prompts, counts = [], [], []
+        for video, prompt in zip(videos, prompts, strict=True):
+            video = np.asarray(video)
+            count = len(video) if num_frames is None else min(num_frames, len(video))
+            for index in np.linspace(0, len(video) - 1, count).round().astype(int):
+                frames.append(Image.fromarray(video[index]))
+                frame_prompts.append(prompt)
+            counts.append(count)
+        scores = np.asarray(image_scorer(frames, frame_prompts), dtype=np.float64)
+        return np.array([chunk.mean() for chunk in np.split(scores, np.cumsum(counts)[:-1])])
+
+    return score
+
+
+def generate_videos(
+    pipeline: DiffusionPipeline,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    batch_size: int = 4,
+    **generation_kwargs,
+) -> list[np.ndarray]:
+    """One clip per (prompt, seed), prompts outer and seeds inner, each from its own seeded CPU generator:
+    ``(F, H, W, 3)`` uint8 frames (a video pipeline such as ``WanPipeline``, whose output is ``.frames``)."""
+    jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
+    videos = []
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        generators = [torch.Generator().manual_seed(int(seed)) for _, seed in batch]
+        prompts_batch = [prompt for prompt, _ in batch]
+        output = pipeline(prompt=prompts_batch, generator=generators, output_type="np", **generation_kwargs)
+        videos.extend((np.clip(np.asarray(clip), 0, 1) * 255).round().astype(np.uint8) for clip in output.frames)
+    return videos
+
+
+def evaluate_video_preference(
+    pipeline_or_path: DiffusionPipeline | str,
+    prompts: Sequence[str],
+    scorer: VideoScorer,
+    lora: str | None = None,
+    tuned: DiffusionPipeline | str | None = None,
+    num_videos_per_prompt: int = 2,
+    seeds: Sequence[int] | None = None,
+    confidence: float = 0.95,
+    batch_size: int = 4,
+    **generation_kwargs,
+) -> PreferenceEvaluation:
+    """[`evaluate_preference`] for text-to-video: short clips from the base and the tuned model with the same
+    prompts and seeds, scored per video by ``scorer(videos, prompts) -> scores`` (e.g. [`video_redness_scorer`],
+    [`temporal_smoothness_scorer`], or an image scorer through [`per_frame_scorer`]).
+
+    The result's ``base_images`` and ``tuned_images`` hold the clips, ``(F, H, W, 3)`` uint8 arrays. Pass the clip
+    shape in ``generation_kwargs`` (``num_frames``, ``height``, ``width``, ``num_inference_steps``...).
+    """
+
+    def generate(pipeline, seeds):
+        return generate_videos(pipeline, prompts, seeds, batch_size, **generation_kwargs)
+
+    seeds = list(seeds) if seeds is not None else list(range(num_videos_per_prompt))
+    return _compare(pipeline_or_path, list(prompts), scorer, lora, tuned, seeds, confidence, generate)
 
 
 def image_grid(rows: Sequence[Sequence[Image.Image]], scale: int = 1) -> Image.Image:

@@ -4,7 +4,7 @@ It names the pipeline to load (a Hub id, a local diffusers folder or one of the 
 load it (revision, variant, dtype) and the LoRA adapter to train. The helpers turn it into the objects
 the trainers take: [`load_pipeline`] and [`get_peft_config`].
 
-Tiny models: `model_name_or_path: tiny-sd` (also `tiny-sd-v`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`) builds a tiny,
+Tiny models: `model_name_or_path: tiny-sd` (also every other name in `TINY_MODELS`) builds a tiny,
 randomly initialised pipeline from configs with `trl_diffusion.tiny_models`, saves it once under
 `$TRL_DIFFUSION_CACHE` (default `~/.cache/trl_diffusion`) and loads it from there, so a script or the CLI runs from a
 fresh clone with no download. A local folder of the same name takes precedence.
@@ -24,6 +24,7 @@ TINY_MODELS = {
     "tiny-sdxl": ("build_tiny_sdxl", {}),
     "tiny-sd3": ("build_tiny_sd3", {}),
     "tiny-flux": ("build_tiny_flux", {}),
+    "tiny-wan": ("build_tiny_wan", {}),
 }
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}

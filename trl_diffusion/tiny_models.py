@@ -307,3 +307,75 @@ def build_tiny_flux(save_directory: str, guidance_embeds: bool = True, seed: int
     )
     pipeline.save_pretrained(save_directory)
     return save_directory
+
+
+def _tiny_umt5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    torch.manual_seed(seed)
+    config = UMT5Config(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // 4,
+        d_ff=2 * d_model,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=16,
+        feed_forward_proj="gated-gelu",
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+    )
+    return UMT5EncoderModel(config).eval()
+
+
+def build_tiny_wan(save_directory: str, seed: int = 0) -> str:
+    """Save a tiny Wan 2.1-style text-to-video pipeline (`WanPipeline`) and return its path.
+
+    A UMT5 encoder (``d_model`` 32) with the character-level T5 tokenizer; an `AutoencoderKLWan` with Wan 2.1's
+    compression (8x spatially, 4x in time after the first frame: 9 frames of 32 x 32 pixels become latents of
+    3 x 4 x 4) on 4 latent channels with non-trivial ``latents_mean``/``latents_std``; a two-block
+    `WanTransformer3DModel` with Wan's ``(1, 2, 2)`` patches; and Wan 2.1's scheduler, `UniPCMultistepScheduler`
+    with flow sigmas and ``flow_shift=3``. Frames must be ``4k + 1`` and sides multiples of 16.
+    """
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
+
+    tokenizer = build_tiny_t5_tokenizer(os.path.join(save_directory, "tokenizer"))
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=8,
+        z_dim=4,
+        dim_mult=[1, 1, 1, 1],
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.3],
+        latents_std=[1.5, 2.0, 0.8, 1.2],
+    )
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        text_dim=32,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    scheduler = UniPCMultistepScheduler(
+        prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0, num_train_timesteps=1000
+    )
+    pipeline = WanPipeline(
+        tokenizer=tokenizer,
+        text_encoder=_tiny_umt5_encoder(len(tokenizer), seed=seed),
+        vae=vae,
+        scheduler=scheduler,
+        transformer=transformer,
+    )
+    pipeline.save_pretrained(save_directory)
+    return save_directory

@@ -10,6 +10,7 @@ from .flux import FluxFamily
 from .stable_diffusion import StableDiffusionFamily
 from .stable_diffusion_3 import StableDiffusion3Family
 from .stable_diffusion_xl import StableDiffusionXLFamily
+from .wan import WanFamily
 
 
 if TYPE_CHECKING:
@@ -21,6 +22,7 @@ FAMILIES: list[type[DiffusionFamily]] = [
     StableDiffusionXLFamily,
     StableDiffusion3Family,
     FluxFamily,
+    WanFamily,
 ]
 
 
@@ -46,5 +48,6 @@ __all__ = [
     "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
+    "WanFamily",
     "get_family",
 ]

@@ -43,11 +43,13 @@ class DiffusionFamily:
         pipeline_class_names: names of the `DiffusionPipeline` classes the family serves.
         denoiser_name: the pipeline attribute (and folder) that holds the trained network.
         lora_target_modules: default LoRA targets when the user's `LoraConfig` names none.
+        is_video: whether the family trains on videos (latents ``(C, F, H, W)``, datasets of video pairs).
     """
 
     pipeline_class_names: tuple[str, ...] = ()
     denoiser_name: str = "unet"
     lora_target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
+    is_video: bool = False
 
     def __init__(self, pipeline: DiffusionPipeline, args: "DiffusionPreferenceConfig"):
         self.pipeline = pipeline

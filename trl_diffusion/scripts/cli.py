@@ -1,10 +1,10 @@
-"""The `trl-diffusion` command: `trl-diffusion {dpo,mapo,adaptive-dpo} [--accelerate_config NAME] ARGS`.
+"""The `trl-diffusion` command: `trl-diffusion {dpo,mapo,adaptive-dpo,generate-pairs} [--accelerate_config NAME] ARGS`.
 
 Like the `trl` command, it parses the script's arguments (flags and a YAML `--config`) once, hands everything that is
 not a training argument (`--num_processes 2`, `--mixed_precision bf16`, ...) to `accelerate launch`, and relaunches
 the script through it. `--accelerate_config` takes a YAML file or one of the names shipped in
 `trl_diffusion/accelerate_configs` (`single_gpu`, `multi_gpu`, `zero2`, `zero3`, `fsdp2`), then TRL's own
-(`zero1`, `fsdp1`).
+(`zero1`, `fsdp1`). `trl-diffusion export-lora PATH` runs in the calling process.
 """
 
 import importlib
@@ -19,7 +19,10 @@ COMMANDS = {
     "dpo": ("diffusion_dpo", "Diffusion-DPO (Wallace et al. 2023)"),
     "mapo": ("mapo", "MaPO: margin-aware preference optimization, no reference (Hong et al. 2024)"),
     "adaptive-dpo": ("adaptive_dpo", "Minority-aware Adaptive-DPO (arXiv 2503.16921)"),
+    "generate-pairs": ("generate_pairs", "On-policy preference pairs: sample a model, score with a reward model"),
 }
+# Commands that run in this process, without `accelerate launch`: command -> (module, help)
+LOCAL_COMMANDS = {"export-lora": ("export_lora", "Write a saved LoRA in the kohya format (ComfyUI, Forge, kohya)")}
 ACCELERATE_CONFIG_PACKAGES = ("trl_diffusion.accelerate_configs", "trl.accelerate_configs")
 
 
@@ -100,7 +103,7 @@ def _build_parser() -> ArgumentParser:
         allow_abbrev=False,
     )
     subparsers = parser.add_subparsers(dest="command", help="available commands")
-    for name, (_, help_text) in COMMANDS.items():
+    for name, (_, help_text) in {**COMMANDS, **LOCAL_COMMANDS}.items():
         subparsers.add_parser(name, help=help_text, add_help=False)
     return parser
 
@@ -113,6 +116,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     script_args = argv[argv.index(known.command) + 1 :]
+    if known.command in LOCAL_COMMANDS:
+        importlib.import_module(f"trl_diffusion.scripts.{LOCAL_COMMANDS[known.command][0]}").main(script_args)
+        return 0
     launch_args, training_args = split_arguments(known.command, script_args)
     launch(known.command, launch_args, training_args)
     return 0

@@ -58,8 +58,8 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
     The EMA annotators follow the authors' schedule (diffusers `EMAModel`, see [`annotator_ema_decay`]): the first
     update after an optimizer step makes each a copy of the policy, later ones average with decay
     ``min(d, (1 + s)/(10 + s))``. With LoRA each EMA annotator is an extra adapter on the same network, updated after
-    every optimizer step: one no-grad forward each and almost no memory. With full fine-tuning each is a full copy of the denoiser in float32
-    (4 bytes per parameter each: 3.4 GB per annotator for an SD1.5 UNet).
+    every optimizer step: one no-grad forward each and almost no memory. With full fine-tuning each is a full copy of
+    the denoiser in float32 (4 bytes per parameter each: 3.4 GB per annotator for an SD1.5 UNet).
 
     See [`DiffusionPreferenceTrainer`] for the arguments.
     """
@@ -220,10 +220,8 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
         state[NUM_UPDATES_KEY] = torch.tensor(self.annotator_updates, dtype=torch.int64)
         return state
 
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.annotator_names and self.args.should_save:
-            checkpoint = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+    def save_method_state(self, checkpoint):
+        if self.annotator_names:
             save_file(self._annotator_state_dict(), os.path.join(checkpoint, ANNOTATORS_FILE))
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):

@@ -53,6 +53,11 @@ class DiffusionPreferenceConfig(_BaseConfig):
             Images the VAE encodes at once; lower it to save memory at large resolutions.
         timestep_buckets (`int`, *optional*, defaults to `4`):
             Number of equal timestep ranges over which the preference accuracy is also logged.
+        skip_nonfinite_steps (`int`, *optional*, defaults to `0`):
+            Optimizer steps with a non-finite loss, error or gradient that may be skipped (the update is dropped,
+            and `nonfinite/skipped_steps` is logged) before training stops with a `NonFiniteError`. `0` stops at
+            the first one. The logged loss is the mean over the finite micro-batches (`nan` if none). The fp16
+            `GradScaler`'s own overflow skips are not counted.
         activation_checkpointing (`bool`, *optional*, defaults to `False`):
             Enable the denoiser's own gradient checkpointing (`enable_gradient_checkpointing()`), trading compute
             for memory. `gradient_checkpointing` is accepted as an alias, as in transformers.
@@ -97,6 +102,25 @@ class DiffusionPreferenceConfig(_BaseConfig):
             Flux: value fed to the guidance embedding of guidance-distilled transformers (`guidance_embeds`, such as
             FLUX.1 dev) during training, as the diffusers Flux training example does. Unused otherwise.
 
+        > Video families (Wan; see `docs/data.md`)
+
+        num_frames (`int` or `None`, *optional*, defaults to `None`):
+            Frames of each training clip. `None` takes the family's default (Wan: 81, i.e. 5 s at 16 fps); Wan
+            needs `4k + 1`.
+        frame_stride (`int`, *optional*, defaults to `1`):
+            Take every `frame_stride`-th frame of the source video, so a clip spans `(num_frames − 1)·stride + 1`
+            source frames. A video shorter than that raises an error naming its row and column.
+        temporal_crop (`str`, *optional*, defaults to `"start"`):
+            Where each pair's clip starts, at the same relative position in both videos: `"start"` (the first
+            frames; only they are decoded), `"center"`, or `"random"` (one random position per pair and epoch; like
+            `random_crop` it turns the encoding cache off).
+        video_columns (`list[str]`, *optional*, defaults to `["video_0", "video_1"]`):
+            The two video columns of a Pick-a-Pic-style video dataset (TRL-style datasets use `chosen` and
+            `rejected`). Each cell is encoded video bytes (mp4, webm...), a video file path, a folder of frame
+            images, a list of frames or a `datasets.Video` value.
+        video_size (`list[int]` or `None`, *optional*, defaults to `None`):
+            `[height, width]` of the training frames (Wan 2.1 480p: `[480, 832]`). `None`: `resolution` squared.
+
         > Speed and memory (see `docs/performance.md`)
 
         precompute_encodings (`bool` or `None`, *optional*, defaults to `None`):
@@ -131,6 +155,14 @@ class DiffusionPreferenceConfig(_BaseConfig):
             takes the mixed-precision dtype (bf16, fp16, else float32).
         bnb_4bit_use_double_quant (`bool`, *optional*, defaults to `False`):
             Also quantize the 4-bit quantization constants (about 0.4 bits per parameter saved).
+
+        > Saving
+
+        save_lora_format (`list[str]`, *optional*, defaults to `["diffusers"]`):
+            LoRA files each save of a LoRA run writes. The diffusers file (`pytorch_lora_weights.safetensors`, what
+            `load_lora_weights` and resuming read) is always written; `"kohya"` adds
+            `pytorch_lora_weights_kohya.safetensors` in the kohya key format that ComfyUI, Forge and kohya's scripts
+            load (see `docs/training.md`). A full fine-tune saves the denoiser in the diffusers format only.
     """
 
     resolution: int = field(default=512, metadata={"help": "Side of the square training images."})
@@ -164,6 +196,10 @@ class DiffusionPreferenceConfig(_BaseConfig):
     vae_encode_batch_size: int = field(default=8, metadata={"help": "Images the VAE encodes at once."})
     timestep_buckets: int = field(
         default=4, metadata={"help": "Number of timestep ranges over which accuracy is also logged."}
+    )
+    skip_nonfinite_steps: int = field(
+        default=0,
+        metadata={"help": "Non-finite optimizer steps to skip (counted in the logs) before training stops; 0: stop."},
     )
     # TRL turns checkpointing on by default; a diffusion denoiser trains without it unless memory is short, so the
     # transformers default (off) is restored. Either `activation_checkpointing` or its alias enables it.
@@ -213,6 +249,24 @@ class DiffusionPreferenceConfig(_BaseConfig):
     guidance_scale: float = field(
         default=3.5, metadata={"help": "Flux: guidance embedding value of guidance-distilled transformers."}
     )
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Video: frames per training clip. None: the family's default (Wan: 81)."}
+    )
+    frame_stride: int = field(default=1, metadata={"help": "Video: take every N-th frame of the source video."})
+    temporal_crop: str = field(
+        default="start",
+        metadata={
+            "help": "Video: where each pair's clip starts (same relative position in both videos).",
+            "choices": ["start", "center", "random"],
+        },
+    )
+    video_columns: list[str] = field(
+        default_factory=lambda: ["video_0", "video_1"],
+        metadata={"help": "The two video columns of a Pick-a-Pic-style video dataset."},
+    )
+    video_size: list[int] | None = field(
+        default=None, metadata={"help": "Video: [height, width] of the training frames. None: resolution squared."}
+    )
     precompute_encodings: bool | None = field(
         default=None,
         metadata={
@@ -254,6 +308,27 @@ class DiffusionPreferenceConfig(_BaseConfig):
     bnb_4bit_use_double_quant: bool = field(
         default=False, metadata={"help": "Also quantize the 4-bit quantization constants."}
     )
+    save_lora_format: list[str] = field(
+        default_factory=lambda: ["diffusers"],
+        metadata={"help": "LoRA files to write: diffusers (always) and/or kohya (ComfyUI, Forge, kohya scripts)."},
+    )
+
+    def _check_video_options(self):
+        if self.num_frames is not None and self.num_frames < 1:
+            raise ValueError(f"num_frames must be at least 1, got {self.num_frames}.")
+        if self.frame_stride < 1:
+            raise ValueError(f"frame_stride must be at least 1, got {self.frame_stride}.")
+        if self.temporal_crop not in ("start", "center", "random"):
+            raise ValueError(f"temporal_crop must be 'start', 'center' or 'random', got {self.temporal_crop!r}.")
+        if len(self.video_columns) != 2:
+            raise ValueError(f"video_columns must name exactly two columns, got {self.video_columns}.")
+        if self.video_size is not None and (len(self.video_size) != 2 or min(self.video_size) < 1):
+            raise ValueError(f"video_size must be [height, width], got {self.video_size}.")
+        if self.precompute_encodings and self.temporal_crop == "random":
+            raise ValueError(
+                "precompute_encodings caches one clip per pair; temporal_crop='random' changes it every epoch. "
+                "Leave precompute_encodings unset (or False) to train with random temporal crops."
+            )
 
     def __post_init__(self):
         # TRL resolves an unset `bf16` to `not fp16`, which transformers then rejects on a machine without a bf16
@@ -267,6 +342,8 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"image_columns must name exactly two columns, got {self.image_columns}.")
         if self.timestep_buckets < 1:
             raise ValueError(f"timestep_buckets must be at least 1, got {self.timestep_buckets}.")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"skip_nonfinite_steps must be at least 0, got {self.skip_nonfinite_steps}.")
         if self.vae_encode_batch_size < 1:
             raise ValueError(f"vae_encode_batch_size must be at least 1, got {self.vae_encode_batch_size}.")
         if self.weighting_scheme not in FLOW_TIMESTEP_DENSITIES:
@@ -290,6 +367,7 @@ class DiffusionPreferenceConfig(_BaseConfig):
             )
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be at least 1, got {self.max_sequence_length}.")
+        self._check_video_options()
         if self.precompute_encodings and self.random_crop:
             raise ValueError(
                 "precompute_encodings caches centre crops; random_crop=True changes each pair's crop every epoch. "
@@ -297,6 +375,9 @@ class DiffusionPreferenceConfig(_BaseConfig):
             )
         if self.precompute_ref_errors and (self.precompute_encodings is False or self.random_crop):
             raise ValueError("precompute_ref_errors needs the encoding cache (precompute_encodings, no random_crop).")
+        unknown_formats = sorted(set(self.save_lora_format) - {"diffusers", "kohya"})
+        if unknown_formats:
+            raise ValueError(f"save_lora_format takes 'diffusers' and/or 'kohya', got {unknown_formats}.")
         if self.load_in_4bit and self.load_in_8bit:
             raise ValueError("Set at most one of load_in_4bit and load_in_8bit.")
         if self.bnb_4bit_quant_type not in ("nf4", "fp4"):

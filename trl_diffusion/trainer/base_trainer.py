@@ -21,11 +21,16 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from ..callbacks import read_widget
 from ..data import DiffusionPreferenceCollator, PreferenceDataset
 from ..encodings import FIXED_NOISE_STEP, prepare_cached_datasets
+from ..lora_formats import KOHYA_WEIGHT_NAME, export_kohya_lora
 from ..model_card import write_model_card
 from ..models import DiffusionFamily, get_family
 from ..quantization import check_quantized_setup, is_quantized, load_quantized_pipeline, wants_quantization
+from ..video import VideoPreferenceDataset
+from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
+from .checkpoints import begin_checkpoint, mark_checkpoint_complete, resolve_resume_checkpoint
 from .distributed import add_deepspeed_input_cast, prepare_frozen_model, zero3_init_disabled
+from .nonfinite import NonFiniteGuard
 
 
 logger = logging.getLogger(__name__)
@@ -242,6 +247,8 @@ class DiffusionPreferenceTrainer(Trainer):
                 )
         self._metrics: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._skipped_rows = defaultdict(int)
+        self.nonfinite_guard = NonFiniteGuard(self, max_skipped_steps=args.skip_nonfinite_steps)
+        self.add_callback(self.nonfinite_guard)
         # Encoding cache (`precompute_encodings`) and precomputed reference errors: see `trl_diffusion.encodings`
         self._empty_prompt_embeds: dict[str, torch.Tensor] | None = None
         prepare_cached_datasets(self)
@@ -264,6 +271,8 @@ class DiffusionPreferenceTrainer(Trainer):
     def _wrap_dataset(self, dataset, args: DiffusionPreferenceConfig):
         if dataset is None or isinstance(dataset, PreferenceDataset) or not hasattr(dataset, "column_names"):
             return dataset
+        if self.family.is_video:
+            return VideoPreferenceDataset.from_config(dataset, args, self.family)
         return PreferenceDataset(
             dataset,
             resolution=args.resolution,
@@ -417,9 +426,22 @@ class DiffusionPreferenceTrainer(Trainer):
             step.auxiliary_errors = self.auxiliary_errors(model, step)
         policy_errors = self.denoising_errors(model, step)
         loss, metrics = self.preference_loss(step, policy_errors)
+        if mode == "train":
+            terms = {"loss": loss, "policy errors": policy_errors, "reference errors": step.ref_errors}
+            terms.update({f"{name} errors": errors for name, errors in step.auxiliary_errors.items()})
+            self.nonfinite_guard.observe(inputs["row_index"], terms)
         self._record_metrics(mode, metrics, step.timesteps.chunk(2)[0])
         self._skipped_rows[mode] += int(inputs.get("num_skipped", 0))
         return (loss, metrics) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
+        # A data error on one process stops every process with its message (see `trainer/agreement.py`).
+        fetch = super().get_batch_samples
+        return fetch_in_agreement(self.accelerator, lambda: fetch(epoch_iterator, num_batches, device))
+
+    def training_step(self, model, inputs, num_items_in_batch=None) -> torch.Tensor:
+        # A non-finite loss stops (or skips) the step in `NonFiniteGuard`; it must not poison the logged running loss.
+        return self.nonfinite_guard.loss_to_accumulate(super().training_step(model, inputs, num_items_in_batch))
 
     def preference_loss(
         self, step: DenoisingStep, policy_errors: torch.Tensor
@@ -478,9 +500,37 @@ class DiffusionPreferenceTrainer(Trainer):
                 + self.train_dataset_stats.num_invalid_captions
                 + self._skipped_rows["train"]
             )
+        if mode == "train":
+            self.nonfinite_guard.update_logs(logs)
         super().log(logs, start_time)
 
     # ----- saving, loading and the Hub -----
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
+        """[`~transformers.Trainer.train`]; ``resume_from_checkpoint`` must be a complete checkpoint (``True``: the
+        last complete one in ``output_dir``), else a clear error is raised before anything loads."""
+        resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(resume_from_checkpoint, *args, **kwargs)
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """[`~transformers.Trainer.save_model`], refusing non-finite weights (see [`NonFiniteGuard`])."""
+        self.nonfinite_guard.check_weights(output_dir or self.args.output_dir)
+        super().save_model(output_dir, _internal_call)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # The manifest is written last, once every process has written its files: see `trainer/checkpoints.py`.
+        checkpoint = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+        if self.args.should_save:
+            begin_checkpoint(checkpoint)
+        super()._save_checkpoint(model, trial)
+        if self.args.should_save:
+            self.save_method_state(checkpoint)
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            mark_checkpoint_complete(checkpoint, self.state.global_step)
+
+    def save_method_state(self, checkpoint: str) -> None:
+        """Write a method's own training state into a checkpoint folder (e.g. Adaptive-DPO's EMA annotators)."""
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Save LoRA weights in the diffusers format (or the full denoiser), and the model card. Safetensors only."""
@@ -495,6 +545,10 @@ class DiffusionPreferenceTrainer(Trainer):
             lora_state_dict = get_peft_model_state_dict(denoiser, state_dict=state_dict, adapter_name="default")
             metadata = denoiser.peft_config["default"].to_dict()
             self.family.save_lora_weights(output_dir, lora_state_dict, metadata)
+            if "kohya" in self.args.save_lora_format:
+                export_kohya_lora(
+                    os.path.join(output_dir, LORA_WEIGHT_NAME), os.path.join(output_dir, KOHYA_WEIGHT_NAME)
+                )
         elif state_dict is None:
             denoiser.save_pretrained(output_dir, safe_serialization=True)
         else:
@@ -518,7 +572,8 @@ class DiffusionPreferenceTrainer(Trainer):
             entry["output"]["url"] for entry in read_widget(self.args.output_dir) or []
         ]
         if self.is_peft:
-            return [LORA_WEIGHT_NAME, *common]
+            kohya = [KOHYA_WEIGHT_NAME] if "kohya" in self.args.save_lora_format else []
+            return [LORA_WEIGHT_NAME, *kohya, *common]
         return ["config.json", "diffusion_pytorch_model*.safetensors", "diffusion_pytorch_model*.json", *common]
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
