@@ -385,14 +385,17 @@ def comparison_tables(records, args) -> list[str]:
             "Adaptive-DPO: gain kept under flips (win rate − 50%, relative to its clean gain, per seed):",
             "",
         ]
+        clean = {r["seed"]: r["win_rate"] - 0.5 for r in adaptive[0.0]}
         for rate in rates[1:]:
-            clean = {r["seed"]: r["win_rate"] - 0.5 for r in adaptive[0.0]}
-            kept = [r["win_rate"] - 0.5 for r in adaptive[rate]]
-            ratios = [k / clean[r["seed"]] for k, r in zip(kept, adaptive[rate]) if clean[r["seed"]] > 0]
-            ratio_of_means = np.mean(kept) / np.mean(list(clean.values()))
+            paired_runs = [r for r in adaptive[rate] if r["seed"] in clean]  # seeds with a clean run too
+            if not paired_runs:
+                continue
+            kept = [r["win_rate"] - 0.5 for r in paired_runs]
+            ratios = [k / clean[r["seed"]] for k, r in zip(kept, paired_runs) if clean[r["seed"]] > 0]
+            ratio_of_means = np.mean(kept) / np.mean([clean[r["seed"]] for r in paired_runs])
             lines.append(
-                f"- {rate:.0%} flipped: {100 * ratio_of_means:.0f}% of the clean gain (ratio of the means); "
-                f"per seed {', '.join(f'{100 * x:.0f}%' for x in ratios)}"
+                f"- {rate:.0%} flipped: {100 * ratio_of_means:.0f}% of the clean gain (ratio of the means over seeds "
+                f"{[r['seed'] for r in paired_runs]}); per seed {', '.join(f'{100 * x:.0f}%' for x in ratios)}"
             )
         aurocs = [(rate, [r["auroc_u"] for r in adaptive[rate] if "auroc_u" in r]) for rate in rates[1:]]
         lines += [
@@ -452,9 +455,9 @@ def write_results(records: list[dict], args, argv: list[str], elapsed: float | N
             f"Command: `{command.strip()}`  ",
             f"Device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread); "
             f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
-            f"trl_diffusion {trl_diffusion.__version__}; {len(records)} trained arms"
+            f"trl_diffusion {trl_diffusion.__version__}; {len(records)} training runs"
             + (f" in {elapsed / 60:.0f} min.  " if elapsed is not None else f" (summarised from `{RECORDS}`).  "),
-            f"Seeds {args.seeds}; {args.num_pairs} self-generated pairs per seed; every arm {args.max_steps} steps of "
+            f"Seeds {sorted({r['seed'] for r in records})}; {args.num_pairs} self-generated pairs per seed; every arm {args.max_steps} steps of "
             f"{args.batch_size} pairs, lr {args.learning_rate:g} (LoRA r=8); DPO family at β = {args.beta:g} "
             f"(sweep: {', '.join(f'{b:g}' for b in args.beta_sweep) or 'none'}), robust/conservative "
             f"ε = {args.label_smoothing:g}, MaPO at its default β; flips: {args.flip_mode}. Evaluation: "
