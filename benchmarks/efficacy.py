@@ -7,7 +7,8 @@ true reward, saturation by default, is a property no prompt mentions):
 2. per training seed, self-generate preference pairs from it, labelled by the true reward, and flip a fraction of the
    labels (``--flip_rates``): by default all the flipped pairs come from one minority annotator who prefers the
    opposite (``--flip_mode minority``);
-3. train every method of `trl_diffusion.METHODS` on the clean pairs, and the noise-robust arms
+3. train every method of `trl_diffusion.METHODS` on the clean pairs (Diffusion-KTO unpaired: one desirable and one
+   undesirable row per pair, twice the rows per batch), and the noise-robust arms
    (``--noise_arms``: DPO, Adaptive-DPO and DPO's ``robust``/``conservative`` losses, all at the same β) on every flip
    rate, with LoRA at one budget (steps × pairs per step); a small β sweep (``--beta_sweep``) repeats DPO and
    Adaptive-DPO at the clean and the highest flip rate;
@@ -49,7 +50,7 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 
 import trl_diffusion
-from trl_diffusion import METHODS
+from trl_diffusion import METHODS, UnpairedPreferenceDataset
 from trl_diffusion.evaluation import generate_images, saturation_scorer, summarize
 from trl_diffusion.synthetic import (
     HELD_OUT_COLOURS,
@@ -146,11 +147,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(arm: Arm, base_path: str, dataset, output_dir: str, args, seed: int, full: bool = False):
     """Train one arm at the shared budget (LoRA, or the full UNet with ``full``); return the trainer."""
     trainer_class, config_class = METHODS[arm.method]
+    # An unpaired method (Diffusion-KTO) reads each pair as two rows: twice the rows is the same images per step.
+    rows_per_pair = 2 if issubclass(trainer_class.dataset_class, UnpairedPreferenceDataset) else 1
     trainer = trainer_class(
         model=base_path,
         args=config_class(
             output_dir=output_dir,
-            per_device_train_batch_size=args.batch_size,
+            per_device_train_batch_size=args.batch_size * rows_per_pair,
             max_steps=args.max_steps,
             learning_rate=args.mismatch_learning_rate if full else args.learning_rate,
             resolution=SIZE,

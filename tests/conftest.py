@@ -19,10 +19,13 @@ from PIL import Image  # noqa: E402
 
 from trl_diffusion.tiny_models import (  # noqa: E402
     build_tiny_flux,
+    build_tiny_flux2,
+    build_tiny_qwen_image,
     build_tiny_sd3,
     build_tiny_sdxl,
     build_tiny_stable_diffusion,
     build_tiny_wan,
+    build_tiny_z_image,
 )
 
 
@@ -102,6 +105,26 @@ def tiny_sd3(tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_flux(tmp_path_factory) -> str:
     return build_tiny_flux(str(tmp_path_factory.mktemp("tiny-flux")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2(tmp_path_factory) -> str:
+    return build_tiny_flux2(str(tmp_path_factory.mktemp("tiny-flux2")))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux2_klein(tmp_path_factory) -> str:
+    return build_tiny_flux2(str(tmp_path_factory.mktemp("tiny-flux2-klein")), klein=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen_image(tmp_path_factory) -> str:
+    return build_tiny_qwen_image(str(tmp_path_factory.mktemp("tiny-qwen-image")))
+
+
+@pytest.fixture(scope="session")
+def tiny_z_image(tmp_path_factory) -> str:
+    return build_tiny_z_image(str(tmp_path_factory.mktemp("tiny-z-image")))
 
 
 @pytest.fixture(scope="session")

@@ -43,3 +43,32 @@ def test_speed_benchmark_tiny_smoke(tmp_path):
     table = results.read_text()
     assert "| dpo | lora |" in table and "Command: `python benchmarks/speed.py --size tiny" in table
     assert "torch " in table and "diffusers " in table
+
+
+def load_benchmark(name: str):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "benchmarks", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_flow_error_scale_reproduces_the_documented_ratios():
+    table = load_benchmark("flow_error_scale").main(["--num", "20000"])
+    rows = {(name, scheme): (analytic, weighted) for name, scheme, analytic, weighted in table}
+    # The ratios of docs/supported_models.md ("Choosing beta")
+    assert round(rows["SD3/3.5", "logit_normal"][0], 3) == 0.113
+    assert round(rows["Flux.1", "logit_normal"][0], 3) == 0.293
+    assert round(rows["Flux.2@1024", "logit_normal"][0], 3) == 0.039
+    # Qwen-Image's mu = ln 3 and Z-Image's static shift 3 are SD3's shift of 3
+    for scheme in ("logit_normal", "uniform", "mode"):
+        assert rows["Qwen-Image", scheme] == pytest.approx(rows["SD3/3.5", scheme])
+        assert rows["Z-Image", scheme] == pytest.approx(rows["SD3/3.5", scheme])
+    # The stronger the shift, the smaller the ratio
+    assert rows["Flux.2@1024", "logit_normal"][0] < rows["Flux.2@512", "logit_normal"][0] < 0.1
+
+
+def test_real_size_memory_on_meta_tensors():
+    (row,) = load_benchmark("real_size_memory").main(["--families", "FLUX.2 [klein] 4B", "--resolution", "256"])
+    # FLUX.2 [klein] 4B: a 3.9B transformer and Qwen3-4B, nothing allocated
+    assert 3.8e9 < row["denoiser_params"] < 4.0e9 and 4.0e9 < row["text_encoder_params"] < 4.1e9
+    assert row["weights_gib"] < row["peak_checkpointing_gib"] < row["peak_gib"]

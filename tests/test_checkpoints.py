@@ -55,48 +55,48 @@ def _assert_same(expected: dict, actual: dict):
         torch.testing.assert_close(actual[key], value, rtol=1e-5, atol=1e-7, msg=key)
 
 
+def _kill_while_saving(method, peft, model, dataset_dir, output_dir, step: int):
+    """Run the child until it SIGKILLs itself while writing ``checkpoint-{step}`` (weights written, the rest not)."""
+    flags = ["--kill-while-saving", str(step)] + ([] if peft else ["--full"])
+    child = _child(method, model, dataset_dir, output_dir, *flags)
+    output = child.communicate(timeout=300)[0]
+    assert child.returncode == -signal.SIGKILL, output[-3000:]
+
+
 @pytest.mark.parametrize(
-    ("method", "peft"), [("dpo", True), ("dpo", False), ("adaptive", True)], ids=["lora", "full", "adaptive-lora"]
+    ("method", "peft", "moment"),
+    [("dpo", True, "mid-write"), ("dpo", False, "any"), ("adaptive", True, "any")],
+    ids=["lora-killed-mid-checkpoint", "full", "adaptive-lora"],
 )
 def test_a_run_killed_at_a_random_step_resumes_to_the_uninterrupted_weights(
-    method, peft, tiny_sd, dataset_dir, tmp_path
+    method, peft, moment, tiny_sd, dataset_dir, tmp_path
 ):
-    kill_step = random.Random(f"{method}-{peft}-{time.time()}").randint(1, resumable.MAX_STEPS - 1)
-    print(f"killing at step {kill_step}")
-    killed = _child(method, tiny_sd, dataset_dir, tmp_path / "run", *([] if peft else ["--full"]))
-    _kill_at_step(killed, kill_step)
-    # The kill may land before, during or after checkpoint-{kill_step} is written: resume takes the last complete one.
-    complete = complete_checkpoints(str(tmp_path / "run"))
-    resumed = resumable.build_trainer(method, tiny_sd, dataset_dir, tmp_path / "run", peft=peft)
-    if complete:
-        resumed.train(resume_from_checkpoint=True)
-    else:  # killed before the first checkpoint was complete: nothing to resume
-        with pytest.raises(FileNotFoundError, match="holds no complete checkpoint"):
-            resumed.train(resume_from_checkpoint=True)
-        resumed.train()
+    """SIGKILL at a random step: as soon as the step ends ("any": before, during or after its checkpoint is written,
+    as the race falls), or in the middle of writing its checkpoint ("mid-write"). Then resume and compare."""
+    run = tmp_path / "run"
+    kill_step = random.Random(f"{method}-{peft}-{time.time()}").randint(2, resumable.MAX_STEPS - 1)
+    print(f"killing at step {kill_step} ({moment})")
+    if moment == "mid-write":
+        _kill_while_saving(method, peft, tiny_sd, dataset_dir, run, kill_step)
+        half_written = run / f"checkpoint-{kill_step}"
+        assert (half_written / "pytorch_lora_weights.safetensors").is_file()  # its weights were written...
+        assert not (half_written / COMPLETE_MARKER).exists()  # ...its optimizer state and manifest were not
+    else:
+        _kill_at_step(_child(method, tiny_sd, dataset_dir, run, *([] if peft else ["--full"])), kill_step)
+    complete = complete_checkpoints(str(run))
+    assert complete and all(int(path.rsplit("-", 1)[1]) <= kill_step for path in complete)
+    resumed = resumable.build_trainer(method, tiny_sd, dataset_dir, run, peft=peft)
+    if moment == "mid-write":  # never taken for a complete checkpoint, whether named or found
+        assert complete[-1].endswith(f"checkpoint-{kill_step - 1}")
+        with pytest.raises(ValueError, match="it has no checkpoint_complete.json: it was interrupted") as error:
+            resumed.train(resume_from_checkpoint=str(half_written))
+        assert f"The last complete checkpoint beside it is {complete[-1]}" in str(error.value)
+    resumed.train(resume_from_checkpoint=True)
     uninterrupted = resumable.build_trainer(method, tiny_sd, dataset_dir, tmp_path / "uninterrupted", peft=peft)
     uninterrupted.train()
     assert resumed.state.global_step == uninterrupted.state.global_step == resumable.MAX_STEPS
     _assert_same(resumable.trained_weights(uninterrupted), resumable.trained_weights(resumed))
-
-
-def test_a_checkpoint_interrupted_mid_write_is_never_taken_for_a_complete_one(tiny_sd, dataset_dir, tmp_path):
-    child = _child("dpo", tiny_sd, dataset_dir, tmp_path / "run", "--kill-while-saving", "3")
-    output = child.communicate(timeout=300)[0]
-    assert child.returncode == -signal.SIGKILL, output[-3000:]
-    half_written = tmp_path / "run" / "checkpoint-3"
-    assert (half_written / "pytorch_lora_weights.safetensors").is_file()  # its weights were written...
-    assert not (half_written / COMPLETE_MARKER).exists()  # ...its optimizer state and manifest were not
-    assert complete_checkpoints(str(tmp_path / "run"))[-1].endswith("checkpoint-2")
-    trainer = resumable.build_trainer("dpo", tiny_sd, dataset_dir, tmp_path / "run")
-    with pytest.raises(
-        ValueError, match=r"checkpoint-3: it has no checkpoint_complete.json: it was interrupted"
-    ) as error:
-        trainer.train(resume_from_checkpoint=str(half_written))
-    assert "The last complete checkpoint beside it is" in str(error.value) and "checkpoint-2" in str(error.value)
-    trainer.train(resume_from_checkpoint=True)  # picks checkpoint-2 and rewrites checkpoint-3 completely
-    assert trainer.state.global_step == resumable.MAX_STEPS
-    assert complete_checkpoints(str(tmp_path / "run"))[2].endswith("checkpoint-3")
+    assert len(complete_checkpoints(str(run))) == resumable.MAX_STEPS  # the half-written one was rewritten whole
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from trl_diffusion.evaluation import (
     bootstrap_mean_ci,
     evaluate_preference,
     evaluate_video_preference,
-    per_frame_scorer,
     redness_scorer,
     saturation_scorer,
     temporal_smoothness_scorer,
@@ -208,18 +207,6 @@ def test_efficacy_statistics_on_known_values():
 
 
 # ----- video -----
-
-
-def test_rule_based_video_scorers_on_known_clips():
-    red = np.zeros((4, 8, 8, 3), dtype=np.uint8)
-    red[..., 0] = 255
-    flicker = red.copy()
-    flicker[1::2] = 0  # every other frame black
-    np.testing.assert_allclose(video_redness_scorer([red, flicker]), [255, 127.5])
-    np.testing.assert_allclose(temporal_smoothness_scorer([red, flicker, red[:1]]), [0, -1 / 3, 0])
-    # An image scorer averaged over frames spread across the clip: frames 0, 1, 2, 3 of 4 -> 255, 0, 255, 0
-    np.testing.assert_allclose(per_frame_scorer(redness_scorer)([red, flicker], ["a", "b"]), [255, 127.5])
-    np.testing.assert_allclose(per_frame_scorer(redness_scorer, num_frames=2)([flicker], ["a"]), [127.5])
 
 
 def test_evaluate_video_preference_with_fixed_seeds(tiny_wan, tmp_path):

@@ -1,4 +1,5 @@
-"""SDXL, SD3 and Flux families: their formulas on known tensors, and every trainer training them with LoRA."""
+"""SDXL, SD3, Flux, Flux.2, Qwen-Image and Z-Image families: their formulas on known tensors, and every trainer
+training them with LoRA."""
 
 import math
 
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_pickapic
-from diffusers import AutoencoderKL, DiffusionPipeline, FluxPipeline
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    FlowMatchEulerDiscreteScheduler,
+    Flux2Pipeline,
+    FluxPipeline,
+    QwenImagePipeline,
+)
+from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
@@ -18,13 +28,34 @@ from trl_diffusion import (
     MaPOConfig,
     MaPOTrainer,
 )
-from trl_diffusion.models import FluxFamily, StableDiffusion3Family, StableDiffusionXLFamily, get_family
+from trl_diffusion.models import (
+    Flux2Family,
+    FluxFamily,
+    QwenImageFamily,
+    StableDiffusion3Family,
+    StableDiffusionXLFamily,
+    ZImageFamily,
+    get_family,
+)
 from trl_diffusion.models.flow_matching import sigmas_from_uniform
 from trl_diffusion.models.flux import latent_image_ids, pack_latents, unpack_latents
+from trl_diffusion.models.flux2 import latent_ids as flux2_latent_ids
+from trl_diffusion.models.flux2 import pack_latents as flux2_pack_latents
+from trl_diffusion.models.flux2 import patchify_latents, text_ids
+from trl_diffusion.models.flux2 import unpack_latents as flux2_unpack_latents
+from trl_diffusion.models.resolution_shift import time_shift
 from trl_diffusion.tiny_models import build_tiny_flux
 
 
-FAMILIES = {"tiny_sdxl": StableDiffusionXLFamily, "tiny_sd3": StableDiffusion3Family, "tiny_flux": FluxFamily}
+FAMILIES = {
+    "tiny_sdxl": StableDiffusionXLFamily,
+    "tiny_sd3": StableDiffusion3Family,
+    "tiny_flux": FluxFamily,
+    "tiny_flux2": Flux2Family,
+    "tiny_flux2_klein": Flux2Family,
+    "tiny_qwen_image": QwenImageFamily,
+    "tiny_z_image": ZImageFamily,
+}
 
 
 def make_args(tmp_path, config_class=DiffusionPreferenceConfig, **overrides) -> DiffusionPreferenceConfig:
@@ -52,7 +83,7 @@ def load_family(path: str, tmp_path, **overrides):
 def generate(pipeline) -> np.ndarray:
     generator = torch.Generator().manual_seed(0)
     output = pipeline(
-        "a red square", num_inference_steps=2, height=16, width=16, output_type="np", generator=generator
+        prompt="a red square", num_inference_steps=2, height=16, width=16, output_type="np", generator=generator
     )
     return output.images
 
@@ -344,7 +375,9 @@ def test_lora_training_saves_an_adapter_the_pipeline_loads(model_fixture, method
     assert np.abs(generate(pipeline) - without_lora).max() > 1e-5
 
 
-@pytest.mark.parametrize("model_fixture", ["tiny_sd3", "tiny_flux"])
+@pytest.mark.parametrize(
+    "model_fixture", ["tiny_sd3", "tiny_flux", "tiny_flux2", "tiny_flux2_klein", "tiny_qwen_image", "tiny_z_image"]
+)
 def test_flow_families_train_in_bf16(model_fixture, request, tmp_path):
     args = make_args(tmp_path, MaPOConfig, bf16=True, use_cpu=True, max_steps=1, epsilon_equivalent_errors=True)
     trainer = MaPOTrainer(
@@ -352,3 +385,186 @@ def test_flow_families_train_in_bf16(model_fixture, request, tmp_path):
     )
     trainer.train()
     assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+# ----- Flux.2 and Flux.2 [klein] -----
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_flux2", "tiny_flux2_klein"])
+def test_flux2_prompt_conditioning_matches_the_pipeline(model_fixture, request, tmp_path):
+    family = load_family(request.getfixturevalue(model_fixture), tmp_path)
+    prompts = ["a red square", "", "a much longer prompt than the others"]
+    with torch.no_grad():
+        conditioning = family.encode_prompt(prompts)
+        embeds, ids = family.pipeline.encode_prompt(prompts, device="cpu", max_sequence_length=256)
+    # Three text-encoder layers stacked on the feature axis (3 x 16), 256 tokens: the tiny tokenizer's limit
+    assert conditioning["encoder_hidden_states"].shape == (3, 256, 48)
+    torch.testing.assert_close(conditioning["encoder_hidden_states"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(text_ids(256, "cpu"), ids[0], rtol=0, atol=0)
+
+
+def test_flux2_latents_match_the_pipeline(tiny_flux2, tmp_path):
+    family = load_family(tiny_flux2, tmp_path)
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = family.encode_images(pixels)
+        expected = family.pipeline._encode_vae_image(pixels, generator=None)
+    # 4 VAE channels in 2x2 patches, normalised by the VAE's (non-trivial) batch-norm statistics
+    assert latents.shape == (2, 16, 4, 4)
+    torch.testing.assert_close(latents, expected, rtol=0, atol=0)
+    vae_latents = family.pipeline.vae.encode(pixels).latent_dist.mode()
+    torch.testing.assert_close(patchify_latents(vae_latents), Flux2Pipeline._patchify_latents(vae_latents))
+    packed = flux2_pack_latents(latents)
+    torch.testing.assert_close(packed, Flux2Pipeline._pack_latents(latents), rtol=0, atol=0)
+    torch.testing.assert_close(flux2_unpack_latents(packed, 4, 4), latents, rtol=0, atol=0)
+    torch.testing.assert_close(flux2_latent_ids(4, 4, "cpu"), Flux2Pipeline._prepare_latent_ids(latents)[0])
+
+
+@pytest.mark.parametrize(("model_fixture", "guidance_embeds"), [("tiny_flux2", True), ("tiny_flux2_klein", False)])
+def test_flux2_guidance_embedding_is_fed_to_dev_only(model_fixture, guidance_embeds, request, tmp_path):
+    latents, timesteps = torch.randn(2, 16, 4, 4), torch.tensor([300.0, 700.0])
+    predictions = []
+    for guidance_scale in (1.0, 4.0):
+        family = load_family(request.getfixturevalue(model_fixture), tmp_path, guidance_scale=guidance_scale)
+        assert family.denoiser.config.guidance_embeds is guidance_embeds
+        with torch.no_grad():
+            predictions.append(family.predict(family.denoiser, latents, timesteps, family.encode_prompt(["a", "b"])))
+    assert predictions[0].shape == latents.shape
+    assert torch.allclose(predictions[0], predictions[1]) is not guidance_embeds
+
+
+# ----- the resolution-dependent shift of the noise levels -----
+
+
+def scheduler_sigmas(pipeline, sigmas: torch.Tensor, mu: float | None) -> torch.Tensor:
+    """The pipeline scheduler's own shift of ``sigmas`` (its ``set_timesteps`` with custom sigmas and ``mu``),
+    without Qwen-Image's ``shift_terminal``, a stretch of the sampling grid that training does not apply."""
+    scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipeline.scheduler.config, shift_terminal=None)
+    scheduler.set_timesteps(sigmas=sigmas.tolist(), mu=mu)
+    return scheduler.sigmas[:-1].float()
+
+
+@pytest.mark.parametrize(
+    ("model_fixture", "resolution", "mu"),
+    [
+        # Flux.2: the empirical mu of the image tokens (here 4 x 4 and 16 x 16) at 50 sampling steps
+        ("tiny_flux2", 16, compute_empirical_mu(16, 50)),
+        ("tiny_flux2_klein", 64, compute_empirical_mu(256, 50)),
+        # Qwen-Image: base_shift = max_shift = ln 3, whatever the resolution
+        ("tiny_qwen_image", 32, math.log(3)),
+        # Z-Image: a static shift of 3, no mu
+        ("tiny_z_image", 16, None),
+    ],
+)
+def test_training_noise_levels_are_the_schedulers_shifted_levels(model_fixture, resolution, mu, request, tmp_path):
+    path = request.getfixturevalue(model_fixture)
+    family = load_family(path, tmp_path, weighting_scheme="uniform", resolution=resolution)
+    u = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.95])
+    expected = scheduler_sigmas(family.pipeline, 1 - u, mu)
+    torch.testing.assert_close(family.timesteps_from_uniform(u) / 1000, expected)
+    if mu is not None:
+        assert family.resolution_shift
+        unshifted = load_family(path, tmp_path, weighting_scheme="uniform", resolution_shift=False)
+        torch.testing.assert_close(unshifted.timesteps_from_uniform(u) / 1000, 1 - u)
+
+
+def test_flux1_shifts_by_resolution_only_when_asked(tiny_flux, tmp_path):
+    u = torch.tensor([0.1, 0.5, 0.9])
+    assert not load_family(tiny_flux, tmp_path).resolution_shift
+    family = load_family(tiny_flux, tmp_path, weighting_scheme="uniform", resolution=32, resolution_shift=True)
+    # FluxPipeline's mu for 8 x 8 = 64 image tokens
+    mu = calculate_shift(64, 256, 4096, 0.5, 1.15)
+    torch.testing.assert_close(family.timesteps_from_uniform(u) / 1000, scheduler_sigmas(family.pipeline, 1 - u, mu))
+
+
+@pytest.mark.parametrize("shift_type", ["exponential", "linear"])
+def test_time_shift_is_the_schedulers(shift_type):
+    scheduler = FlowMatchEulerDiscreteScheduler(use_dynamic_shifting=True, time_shift_type=shift_type)
+    sigmas = torch.tensor([0.001, 0.2, 0.5, 0.8, 1.0])
+    torch.testing.assert_close(time_shift(sigmas, 0.8, shift_type), scheduler.time_shift(0.8, 1.0, sigmas))
+
+
+@pytest.mark.parametrize("model_fixture", ["tiny_z_image", "tiny_sd3"])
+def test_resolution_shift_is_refused_for_a_static_shift(model_fixture, request, tmp_path):
+    with pytest.raises(ValueError, match="static shift"):
+        load_family(request.getfixturevalue(model_fixture), tmp_path, resolution_shift=True)
+
+
+# ----- Qwen-Image -----
+
+
+def test_qwen_image_prompt_conditioning_matches_the_pipeline(tiny_qwen_image, tmp_path):
+    family = load_family(tiny_qwen_image, tmp_path)
+    prompts = ["a red square", "", "a much longer prompt than the others"]
+    with torch.no_grad():
+        conditioning = family.encode_prompt(prompts)
+        embeds, mask = family.pipeline.encode_prompt(prompts, device="cpu", max_sequence_length=256)
+    # The pipeline pads to the longest prompt; the family to max_sequence_length, with zeros and a mask
+    length = embeds.shape[1]
+    assert conditioning["encoder_hidden_states"].shape == (3, 256, 16) and length < 256
+    torch.testing.assert_close(conditioning["encoder_hidden_states"][:, :length], embeds, rtol=0, atol=0)
+    assert not conditioning["encoder_hidden_states"][:, length:].any()
+    torch.testing.assert_close(conditioning["encoder_hidden_states_mask"][:, :length], mask, rtol=0, atol=0)
+    assert not conditioning["encoder_hidden_states_mask"][:, length:].any()
+
+
+def test_qwen_image_padding_is_masked_out(tiny_qwen_image, tmp_path):
+    """The same prompts padded to 200 or 256 tokens give the same prediction."""
+    latents, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([300.0, 700.0])
+    predictions = []
+    for length in (200, 256):
+        family = load_family(tiny_qwen_image, tmp_path, max_sequence_length=length)
+        with torch.no_grad():
+            conditioning = family.encode_prompt(["a red square", "blue"])
+            predictions.append(family.predict(family.denoiser, latents, timesteps, conditioning))
+    torch.testing.assert_close(predictions[0], predictions[1], rtol=1e-5, atol=1e-6)
+
+
+def test_qwen_image_latents_and_packing(tiny_qwen_image, tmp_path):
+    family = load_family(tiny_qwen_image, tmp_path)
+    vae = family.pipeline.vae
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        latents = family.encode_images(pixels)
+        posterior = vae.encode(pixels.unsqueeze(2)).latent_dist.mode()
+    assert latents.shape == (2, 4, 8, 8)
+    # The pipeline decodes z * latents_std + latents_mean
+    mean, std = torch.tensor(vae.config.latents_mean), torch.tensor(vae.config.latents_std)
+    torch.testing.assert_close(latents * std.view(1, -1, 1, 1) + mean.view(1, -1, 1, 1), posterior[:, :, 0])
+    packed = pack_latents(latents)
+    torch.testing.assert_close(packed, QwenImagePipeline._pack_latents(latents, 2, 4, 8, 8), rtol=0, atol=0)
+    unpacked = QwenImagePipeline._unpack_latents(packed, 16, 16, family.pipeline.vae_scale_factor)
+    torch.testing.assert_close(unpacked[:, :, 0], latents, rtol=0, atol=0)
+
+
+# ----- Z-Image -----
+
+
+def test_z_image_prompt_conditioning_matches_the_pipeline(tiny_z_image, tmp_path):
+    family = load_family(tiny_z_image, tmp_path)
+    prompts = ["a red square", "", "a much longer prompt than the others"]
+    with torch.no_grad():
+        conditioning = family.encode_prompt(prompts)
+        embeds, _ = family.pipeline.encode_prompt(
+            list(prompts), device="cpu", do_classifier_free_guidance=False, max_sequence_length=256
+        )
+    assert conditioning["prompt_embeds"].shape == (3, 256, 16)
+    for row, expected in enumerate(embeds):
+        mask = conditioning["prompt_mask"][row].bool()
+        torch.testing.assert_close(conditioning["prompt_embeds"][row][mask], expected, rtol=0, atol=0)
+        assert not conditioning["prompt_embeds"][row][~mask].any()
+
+
+def test_z_image_predicts_the_velocity_from_the_transformers_conventions(tiny_z_image, tmp_path):
+    """The transformer takes ``1 − σ`` and predicts ``x_0 − ε``; the family returns the velocity ``ε − x_0``."""
+    family = load_family(tiny_z_image, tmp_path)
+    latents, timesteps = torch.randn(2, 4, 8, 8), torch.tensor([250.0, 800.0])
+    with torch.no_grad():
+        conditioning = family.encode_prompt(["a red square", "blue"])
+        prediction = family.predict(family.denoiser, latents, timesteps, conditioning)
+        embeds, _ = family.pipeline.encode_prompt(
+            ["a red square", "blue"], device="cpu", do_classifier_free_guidance=False, max_sequence_length=256
+        )
+        # As ZImagePipeline calls it: one-frame latents, time (1000 − t) / 1000, the unpadded prompt rows
+        output = family.denoiser(list(latents.unsqueeze(2).unbind(0)), (1000 - timesteps) / 1000, embeds)[0]
+    torch.testing.assert_close(prediction, -torch.stack(output).squeeze(2), rtol=0, atol=0)

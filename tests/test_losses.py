@@ -9,6 +9,7 @@ from trl_diffusion.losses import (
     adaptive_dpo_loss,
     annotator_ema_decay,
     diffusion_dpo_loss,
+    diffusion_kto_loss,
     mapo_loss,
     mapo_score,
     minority_score_terms,
@@ -228,3 +229,94 @@ def test_adaptive_dpo_loss_flips_pairs_above_the_threshold():
     expected, _ = adaptive_dpo_loss(flipped, u, beta=beta)
     torch.testing.assert_close(loss, expected)
     assert metrics["adaptive/flipped_fraction"].tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+# ----- guards against collapse (Diffusion-DPO) -----
+
+
+def test_dpo_sft_anchor_adds_the_chosen_error_and_its_gradient():
+    e_w = E_W.clone().requires_grad_(True)
+    base, _ = diffusion_dpo_loss(E_W, E_L, R_W, R_L, beta=50.0)
+    loss, metrics = diffusion_dpo_loss(e_w, E_L, R_W, R_L, beta=50.0, sft_weight=0.5)
+    assert loss.item() == pytest.approx(base.item() + 0.5 * E_W.mean().item(), rel=1e-6)
+    torch.testing.assert_close(metrics["guards/sft_loss"], E_W)
+    loss.backward()
+    # d/de_w of -log sigma(beta * l) / B is beta * (1 - sigma(beta * l)) / B (l falls as e_w rises); the anchor adds 0.5/B
+    margins = torch.tensor(_margins())
+    expected = 50.0 * (1 - torch.sigmoid(50.0 * margins)) / 4 + 0.5 / 4
+    torch.testing.assert_close(e_w.grad, expected)
+
+
+def test_dpo_margin_cap_stops_the_gradient_of_well_separated_pairs():
+    beta, cap = 50.0, 2.0  # z = beta * l is [1, -1, 1, 5]: the last pair is above the cap
+    margins = torch.tensor(_margins())
+    z = beta * margins
+    e_l = E_L.clone().requires_grad_(True)
+    loss, metrics = diffusion_dpo_loss(E_W, e_l, R_W, R_L, beta=beta, max_margin=cap)
+    expected = -F.logsigmoid(torch.clamp(z, max=cap)).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    capped = z > cap
+    assert capped.any() and (~capped).any()
+    assert (e_l.grad[capped] == 0).all()
+    assert (e_l.grad[~capped] < 0).all()  # raising a rejected error still lowers the loss below the cap
+    assert metrics["guards/capped_fraction"].tolist() == capped.float().tolist()
+    # the logged margins are the real (uncapped) ones
+    torch.testing.assert_close(metrics["rewards/margins"], z)
+
+
+def test_dpo_guards_are_off_by_default():
+    loss, metrics = diffusion_dpo_loss(E_W, E_L, R_W, R_L, beta=50.0)
+    plain = -F.logsigmoid(50.0 * torch.tensor(_margins())).mean()
+    assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
+    assert not any(key.startswith("guards/") for key in metrics)
+
+
+# ----- Diffusion-KTO -----
+
+E = torch.tensor([0.10, 0.20, 0.30, 0.25, 0.40])  # policy errors of five images
+R = torch.tensor([0.12, 0.18, 0.31, 0.20, 0.40])  # reference errors
+DESIRABLE = torch.tensor([True, False, True, False, True])
+
+
+def test_kto_loss_matches_the_authors_formula():
+    beta, lambda_d, lambda_u = 20.0, 1.5, 0.5
+    g = [r - e for e, r in zip(E.tolist(), R.tolist())]
+    z0 = max(0.0, sum(g) / len(g))  # KL estimate: mean over all images, clamped at 0
+    expected = []
+    for gi, d in zip(g, DESIRABLE.tolist()):
+        sign, weight = (1, lambda_d) if d else (-1, lambda_u)
+        expected.append(weight * (1 - _sigmoid(sign * beta * (gi - z0))))
+    e = E.clone().requires_grad_(True)
+    loss, metrics = diffusion_kto_loss(e, R, DESIRABLE, beta, desirable_weight=lambda_d, undesirable_weight=lambda_u)
+    assert loss.item() == pytest.approx(sum(expected) / len(expected), rel=1e-5)
+    assert metrics["kl"].item() == pytest.approx(z0, abs=1e-7)
+    torch.testing.assert_close(metrics["rewards/chosen"], beta * (R - E)[DESIRABLE])
+    torch.testing.assert_close(metrics["rewards/rejected"], beta * (R - E)[~DESIRABLE])
+    torch.testing.assert_close(metrics["mse/policy_chosen"], E[DESIRABLE])
+    torch.testing.assert_close(metrics["mse/ref_rejected"], R[~DESIRABLE])
+    torch.testing.assert_close(metrics["kto/utility_loss"], torch.tensor(expected))
+    # the reference point is detached: d/de of w (1 - sigma(s beta (r - e - z0))) / B = w s beta sigma'(.) / B
+    loss.backward()
+    sign = DESIRABLE.float() * 2 - 1
+    weights = torch.where(DESIRABLE, lambda_d, lambda_u)
+    zz = sign * beta * (R - E - z0)
+    expected_grad = weights * sign * beta * torch.sigmoid(zz) * (1 - torch.sigmoid(zz)) / len(E)
+    torch.testing.assert_close(e.grad, expected_grad)
+
+
+def test_kto_reference_point_is_clamped_at_zero_and_can_be_given():
+    worse = R + 0.05  # the policy is worse than the reference everywhere: g = r - e = -0.05, so z0 = max(0, -0.05)
+    _, metrics = diffusion_kto_loss(worse, R, DESIRABLE, beta=10.0)
+    assert metrics["kl"].item() == 0.0
+    loss, metrics = diffusion_kto_loss(E, R, DESIRABLE, beta=10.0, reference_point=torch.tensor(0.3))
+    sign = DESIRABLE.float() * 2 - 1
+    expected = (1 - torch.sigmoid(sign * 10.0 * (R - E - 0.3))).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert metrics["kl"].item() == pytest.approx(0.3)
+
+
+def test_kto_loss_starts_at_half_when_policy_equals_reference():
+    loss, metrics = diffusion_kto_loss(R, R, DESIRABLE, beta=1000.0)
+    assert loss.item() == pytest.approx(0.5)
+    assert metrics["kto/accuracy"].tolist() == [0.5] * 5

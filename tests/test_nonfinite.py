@@ -62,6 +62,20 @@ def test_an_overflowing_learning_rate_stops_before_any_nonfinite_weights_are_wri
     assert not os.path.exists(tmp_path / "poisoned")
 
 
+def test_an_update_that_overflows_the_weights_is_never_checkpointed(tiny_sd, tmp_path):
+    """A learning rate at float32's limit: the first update itself turns weights into inf (the loss was finite)."""
+    trainer = make_trainer(
+        "dpo", tiny_sd, tmp_path / "out", peft=False, max_steps=3, learning_rate=3.4e38, max_grad_norm=0.0,
+        optim="sgd", save_strategy="steps", save_steps=1,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteError, match=r"Refusing to save to .*checkpoint-1: at step 1 the trainable weights"):
+        trainer.train()
+    assert not os.path.exists(tmp_path / "out" / "checkpoint-1")
+    with pytest.raises(NonFiniteError, match="The last optimizer update overflowed"):
+        trainer.save_model()
+    assert os.listdir(tmp_path / "out") == []
+
+
 def test_a_nan_in_one_reference_error_names_step_term_and_row(tiny_sd, tmp_path):
     trainer = make_trainer("dpo", tiny_sd, tmp_path, max_steps=3, optim="sgd")
     snapshots = _Snapshots(trainer)

@@ -74,6 +74,18 @@ def test_pairs_hold_the_seeded_images_their_scores_and_labels(pipeline):
     assert len(prepared) == pairs.num_pairs and prepared[0]["chosen_pixel_values"].shape[-1] == 16
 
 
+@pytest.mark.parametrize("model_fixture", ["tiny_sdxl", "tiny_sd3", "tiny_flux"])
+def test_every_family_samples_the_seeded_images(model_fixture, request):
+    pipeline = DiffusionPipeline.from_pretrained(request.getfixturevalue(model_fixture))
+    kwargs = {"num_inference_steps": 2, "height": 16, "width": 16}
+    pairs = generate_preference_pairs(pipeline, ["a red square"], redness_scorer, 2, seed=5, **kwargs)
+    (row,) = pairs.dataset
+    expected = generate_paired(pipeline, ["a red square"] * 2, [5, 6], **kwargs)
+    assert (row["seed_0"], row["seed_1"]) == (5, 6)
+    np.testing.assert_array_equal(decode(row["jpg_0"]), np.asarray(expected[0]))
+    np.testing.assert_array_equal(decode(row["jpg_1"]), np.asarray(expected[1]))
+
+
 def test_pairs_below_the_reward_gap_are_dropped_and_counted(pipeline, caplog):
     all_pairs = generate_preference_pairs(pipeline, PROMPTS, redness_scorer, 4, num_inference_steps=2).dataset
     spreads = {row["caption"]: abs(row["score_0"] - row["score_1"]) for row in all_pairs}  # best minus worst

@@ -14,7 +14,10 @@ from trl_diffusion.scorers import (
     HPSv2Scorer,
     get_scorer,
     open_clip_to_transformers,
+    per_frame_scorer,
     redness_scorer,
+    temporal_smoothness_scorer,
+    video_redness_scorer,
 )
 
 
@@ -242,3 +245,15 @@ def test_image_reward_is_the_standardised_head_on_blip_cross_attention(tmp_path,
     expected = (cls.squeeze(-1).numpy() - 0.16717362830052426) / 1.0333394966054072
     np.testing.assert_allclose(scorer(IMAGES, PROMPTS), expected, rtol=1e-5, atol=1e-6)
     assert tokens["input_ids"][0, 0] == scorer.tokenizer.cls_token_id  # [CLS] first, as ImageReward tokenises
+
+
+def test_rule_based_video_scorers_on_known_clips():
+    red = np.zeros((4, 8, 8, 3), dtype=np.uint8)
+    red[..., 0] = 255
+    flicker = red.copy()
+    flicker[1::2] = 0  # every other frame black
+    np.testing.assert_allclose(video_redness_scorer([red, flicker]), [255, 127.5])
+    np.testing.assert_allclose(temporal_smoothness_scorer([red, flicker, red[:1]]), [0, -1 / 3, 0])
+    # An image scorer averaged over frames spread across the clip: frames 0, 1, 2, 3 of 4 -> 255, 0, 255, 0
+    np.testing.assert_allclose(per_frame_scorer(redness_scorer)([red, flicker], ["a", "b"]), [255, 127.5])
+    np.testing.assert_allclose(per_frame_scorer(redness_scorer, num_frames=2)([flicker], ["a"]), [127.5])

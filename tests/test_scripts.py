@@ -29,7 +29,12 @@ def cache_dir(tmp_path_factory):
 
 @pytest.mark.parametrize(
     ("command", "overrides"),
-    [("dpo", []), ("mapo", ["--beta", "0.1"]), ("adaptive-dpo", ["--beta", "1000", "--save_minority_scores", "true"])],
+    [
+        ("dpo", []),
+        ("mapo", ["--beta", "0.1"]),
+        ("adaptive-dpo", ["--beta", "1000", "--save_minority_scores", "true"]),
+        ("kto", ["--beta", "1000"]),
+    ],
 )
 def test_each_script_trains_on_the_bundled_tiny_set(command, overrides, cache_dir, tmp_path):
     trainer = run_in_process(command, tiny_args(tmp_path, "--max_steps", "2", *overrides))
@@ -57,7 +62,7 @@ def test_the_documented_command_trains_on_cpu(cache_dir, tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "scripts", "*.yaml"))))
 def test_example_configs_parse_with_their_script(path):
     name = os.path.basename(path)
-    command = "mapo" if "mapo" in name else "adaptive-dpo" if "adaptive" in name else "dpo"
+    command = "mapo" if "mapo" in name else "adaptive-dpo" if "adaptive" in name else "kto" if "kto" in name else "dpo"
     module = __import__(f"trl_diffusion.scripts.{cli.COMMANDS[command][0]}", fromlist=["make_parser"])
     # bf16 needs a GPU: the CPU test machine overrides it from the command line, as a user would.
     *parsed, config_remaining, cli_remaining = module.make_parser().parse_args_and_config(
@@ -98,7 +103,7 @@ def test_cli_relaunches_the_script_through_accelerate(monkeypatch):
 def test_cli_help(capsys):
     assert cli.main([]) == 0
     out = capsys.readouterr().out
-    assert all(command in out for command in ("dpo", "mapo", "adaptive-dpo"))
+    assert all(command in out for command in ("dpo", "mapo", "adaptive-dpo", "kto"))
 
 
 def test_packaged_accelerate_configs():
@@ -163,3 +168,28 @@ def test_dataset_loading_accepts_folders_files_and_saved_datasets(tmp_path):
         _select_split(folder, "validation")
     with pytest.raises(ValueError, match="streaming"):
         load_preference_dataset(ScriptArguments(dataset_name=TINY_DATASET, dataset_streaming=True))
+
+
+NEW_FAMILY_YAMLS = [
+    pytest.param("z_image", "tiny-z-image", "ZImagePipeline", id="z_image"),
+    pytest.param("qwen_image", "tiny-qwen-image", "QwenImagePipeline", id="qwen_image", marks=pytest.mark.slow),
+    pytest.param("flux2_klein", "tiny-flux2-klein", "Flux2KleinPipeline", id="flux2_klein", marks=pytest.mark.slow),
+    pytest.param("flux2", "tiny-flux2", "Flux2Pipeline", id="flux2", marks=pytest.mark.slow),
+]
+
+
+@pytest.mark.parametrize(("name", "tiny_model", "pipeline_class"), NEW_FAMILY_YAMLS)
+def test_family_yaml_trains_the_tiny_model_through_the_cli(name, tiny_model, pipeline_class, cache_dir, tmp_path):
+    """`trl-diffusion dpo --config examples/scripts/<family>_dpo.yaml` on the family's offline tiny model saves an
+    adapter that the family's own pipeline class loads."""
+    import diffusers
+
+    overrides = ["--model_name_or_path", tiny_model, "--dataset_name", TINY_DATASET, "--resolution", "16"]
+    overrides += ["--max_steps", "2", "--bf16", "false", "--dtype", "float32", "--dataloader_num_workers", "0"]
+    overrides += ["--report_to", "none", "--validation_inference_steps", "2", "--output_dir", str(tmp_path / "out")]
+    command = [sys.executable, "-m", "trl_diffusion.scripts.cli", "dpo"]
+    output = run(command + ["--config", f"examples/scripts/{name}_dpo.yaml", *overrides], cache_dir)
+    assert "Training completed." in output
+    pipeline = getattr(diffusers, pipeline_class).from_pretrained(resolve_model_path(tiny_model))
+    pipeline.load_lora_weights(str(tmp_path / "out"))
+    assert pipeline.transformer.peft_config and len(pipeline.get_list_adapters()["transformer"]) == 1

@@ -394,3 +394,19 @@ def test_config_booleans_and_lists_parse_from_the_command_line(tmp_path):
     assert config.annotator_ema_decays == [0.9, 0.99]
     with pytest.raises(ValueError, match="annotator_ema_decays"):
         AdaptiveDPOConfig(output_dir=str(tmp_path), annotator_ema_decays=[1.5])
+
+
+def test_dpo_guards_reach_the_loss_the_logs_and_the_model_card(tiny_sd, tmp_path):
+    from trl_diffusion.callbacks import CollapseWarningCallback
+
+    trainer = make_trainer("dpo", tiny_sd, tmp_path, sft_weight=10.0, max_margin=1.0, collapse_warning_error_ratio=1.5)
+    trainer.train()
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    assert "guards/sft_loss" in logs[0] and "guards/capped_fraction" in logs[0]
+    assert logs[0]["guards/sft_loss"] == pytest.approx(logs[0]["mse/policy_chosen"])
+    (warnings,) = [c for c in trainer.callback_handler.callbacks if isinstance(c, CollapseWarningCallback)]
+    assert (warnings.accuracy, warnings.error_ratio) == (0.95, 1.5)
+    hyperparameters = trainer.model_card_hyperparameters()
+    assert hyperparameters["sft_weight"] == 10.0 and hyperparameters["max_margin"] == 1.0
+    with pytest.raises(ValueError, match="max_margin must be positive"):
+        DiffusionDPOConfig(output_dir=str(tmp_path), max_margin=0.0)

@@ -16,9 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 from test_families import make_args
 
-from trl_diffusion import METHODS, MaPOConfig, MaPOTrainer
+from trl_diffusion import METHODS, MaPOConfig, MaPOTrainer, PreferenceDataset
 from trl_diffusion.models import WanFamily, get_family
 from trl_diffusion.models.flow_matching import shift_sigmas
+from trl_diffusion.tiny_models import build_tiny_wan
 
 
 def wan_args(tmp_path, config_class=MaPOConfig, **overrides):
@@ -143,7 +144,11 @@ def test_wan_two_expert_pipelines_are_refused(tiny_wan, tmp_path):
 # ----- every trainer on Wan -----
 
 
-@pytest.mark.parametrize("method", list(METHODS))
+# Video families take preference pairs: an unpaired method (Diffusion-KTO) is refused with a clear error (below)
+PAIRWISE_METHODS = [name for name, (trainer, _) in METHODS.items() if trainer.dataset_class is PreferenceDataset]
+
+
+@pytest.mark.parametrize("method", PAIRWISE_METHODS)
 def test_wan_lora_training_saves_an_adapter_wan_pipeline_loads(tiny_wan, method, tmp_path):
     trainer_class, config_class = METHODS[method]
     trainer = trainer_class(
@@ -201,6 +206,21 @@ def test_the_wan_tiny_yaml_trains_and_saves_an_adapter_wan_pipeline_loads(tmp_pa
     assert np.abs(generate(pipeline) - without_lora).max() > 0
 
 
+def test_the_real_wan_yaml_trains_the_tiny_model(tmp_path, monkeypatch):
+    """`examples/scripts/wan_dpo.yaml` (Wan 2.1 1.3B, 480p, 81 frames) with the tiny model, data and clip size."""
+    monkeypatch.setenv("TRL_DIFFUSION_CACHE", str(tmp_path / "cache"))
+    args = ["--config", os.path.join(REPO, "examples", "scripts", "wan_dpo.yaml"), "--model_name_or_path", "tiny-wan"]
+    args += ["--dataset_name", os.path.join(REPO, "examples", "data", "video_pairs_tiny"), "--video_size", "32", "32"]
+    args += ["--num_frames", "9", "--max_steps", "2", "--gradient_accumulation_steps", "1", "--bf16", "false"]
+    args += ["--dtype", "float32", "--dataloader_num_workers", "0", "--report_to", "none"]
+    trainer = run_in_process("dpo", args + ["--output_dir", str(tmp_path / "out")])
+    assert trainer.args.activation_checkpointing or trainer.args.gradient_checkpointing
+    assert trainer.model.is_gradient_checkpointing and trainer.state.global_step == 2
+    pipeline = WanPipeline.from_pretrained(str(tmp_path / "cache" / "tiny-wan"))
+    pipeline.load_lora_weights(str(tmp_path / "out"))
+    assert len(pipeline.get_list_adapters()["transformer"]) == 1
+
+
 @pytest.mark.slow
 def test_the_documented_wan_command_trains_and_saves_an_adapter(tmp_path):
     """`trl-diffusion dpo --config examples/scripts/wan_dpo_tiny.yaml`, from the repository root."""
@@ -238,3 +258,28 @@ def test_wan_gradient_checkpointing_gives_the_same_sgd_step(tiny_wan, tmp_path):
     assert adapters[0].keys() == adapters[1].keys() and adapters[0]
     for name, value in adapters[0].items():
         torch.testing.assert_close(adapters[1][name], value, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_wan22_ti2v_layout_trains_and_saves_an_adapter(tmp_path):
+    """Wan 2.2 TI2V 5B's layout: a residual VAE that patchifies first (16x), one timestep per latent token."""
+    path = build_tiny_wan(str(tmp_path / "ti2v"), ti2v=True)
+    args = wan_args(tmp_path / "run", resolution=64, max_steps=1)
+    trainer = MaPOTrainer(
+        path, args=args, train_dataset=make_video_pairs(2, size=(64, 64)), peft_config=LoraConfig(r=2)
+    )
+    assert trainer.family.pipeline.config.expand_timesteps and trainer.family.pipeline.vae_scale_factor_spatial == 16
+    assert trainer.train_dataset[0]["latents"].shape == (2, 4, 3, 4, 4)
+    trainer.train()
+    trainer.save_model()
+    pipeline = WanPipeline.from_pretrained(path)
+    shape = {"num_frames": 9, "height": 64, "width": 64, "num_inference_steps": 2, "output_type": "np"}
+    without_lora = pipeline("a", generator=torch.Generator().manual_seed(0), **shape).frames
+    pipeline.load_lora_weights(str(tmp_path / "run"))
+    with_lora = pipeline("a", generator=torch.Generator().manual_seed(0), **shape).frames
+    assert np.abs(with_lora - without_lora).max() > 0
+
+
+def test_an_unpaired_method_is_refused_on_video_with_a_clear_error(tiny_wan, tmp_path):
+    trainer_class, config_class = METHODS["kto"]
+    with pytest.raises(NotImplementedError, match="video families take preference pairs only"):
+        trainer_class(tiny_wan, args=wan_args(tmp_path, config_class), train_dataset=make_video_pairs(2))

@@ -1,9 +1,9 @@
-"""trl_diffusion: TRL-style trainers that align text-to-image diffusion models with pairwise preferences."""
+"""trl_diffusion: TRL-style trainers that align text-to-image diffusion models with human preferences."""
 
 __version__ = "0.1.0.dev0"
 
 from .data import DiffusionPreferenceCollator, PreferenceDataset
-from .losses import adaptive_dpo_loss, diffusion_dpo_loss, mapo_loss, minority_scores
+from .losses import adaptive_dpo_loss, diffusion_dpo_loss, diffusion_kto_loss, mapo_loss, minority_scores
 from .model_config import DiffusionModelConfig
 from .preference_pairs import PreferencePairs, generate_preference_pairs, save_preference_pairs
 from .trainer import (
@@ -12,11 +12,14 @@ from .trainer import (
     AdaptiveDPOTrainer,
     DiffusionDPOConfig,
     DiffusionDPOTrainer,
+    DiffusionKTOConfig,
+    DiffusionKTOTrainer,
     DiffusionPreferenceConfig,
     DiffusionPreferenceTrainer,
     MaPOConfig,
     MaPOTrainer,
 )
+from .unpaired import UnpairedPreferenceDataset, unpair_preference_dataset
 
 
 __all__ = [
@@ -25,6 +28,8 @@ __all__ = [
     "AdaptiveDPOTrainer",
     "DiffusionDPOConfig",
     "DiffusionDPOTrainer",
+    "DiffusionKTOConfig",
+    "DiffusionKTOTrainer",
     "DiffusionModelConfig",
     "DiffusionPreferenceCollator",
     "DiffusionPreferenceConfig",
@@ -33,10 +38,13 @@ __all__ = [
     "MaPOTrainer",
     "PreferenceDataset",
     "PreferencePairs",
+    "UnpairedPreferenceDataset",
     "adaptive_dpo_loss",
     "diffusion_dpo_loss",
+    "diffusion_kto_loss",
     "generate_preference_pairs",
     "mapo_loss",
     "minority_scores",
     "save_preference_pairs",
+    "unpair_preference_dataset",
 ]

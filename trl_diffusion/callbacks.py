@@ -155,3 +155,71 @@ def read_widget(output_dir: str) -> list[dict] | None:
         entries = json.load(f)
     entries = [entry for entry in entries if os.path.isfile(os.path.join(output_dir, entry["output"]["url"]))]
     return entries or None
+
+
+class CollapseWarningCallback(TrainerCallback):
+    """Warn, once each and in the logs, when the training metrics show the signs of a collapsing preference run.
+
+    Two signs, checked on every training log (the metrics averaged since the previous one):
+
+    - *reward hacking*: ``rewards/chosen < 0`` while the preference accuracy (``accuracy_metric``) is at least
+      ``accuracy``: the policy ranks the pairs right by making every image less likely, the chosen ones too (the sign
+      OneTrainer warns about);
+    - *chosen error rising*: ``mse/policy_chosen > error_ratio * mse/ref_chosen``: the policy denoises the images it
+      should prefer worse than the reference does (the failure Diffusion-SDPO describes).
+
+    A sign whose metrics a method does not log (MaPO has no reference) is never checked. ``None`` turns a check off.
+
+    Args:
+        accuracy_metric: the logged accuracy (`rewards/accuracies` for the DPO family, `kto/accuracy` for KTO).
+        accuracy: accuracy at or above which a negative chosen reward is reported.
+        error_ratio: factor by which the policy's chosen error may exceed the reference's before it is reported.
+    """
+
+    def __init__(
+        self,
+        accuracy_metric: str = "rewards/accuracies",
+        accuracy: float | None = 0.95,
+        error_ratio: float | None = 1.25,
+    ):
+        self.accuracy_metric = accuracy_metric
+        self.accuracy = accuracy
+        self.error_ratio = error_ratio
+        self.warned: set[str] = set()
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        if "loss" not in logs:  # training logs only
+            return
+        chosen, accuracy = logs.get("rewards/chosen"), logs.get(self.accuracy_metric)
+        if self.accuracy is not None and chosen is not None and accuracy is not None:
+            if chosen < 0 and accuracy >= self.accuracy:
+                self._warn(
+                    "reward_hacking",
+                    "Step %d: rewards/chosen = %.4g < 0 while %s = %.3f: the policy separates the pairs by making the "
+                    "chosen images less likely too, a sign of collapse. Consider a lower learning rate or beta, fewer "
+                    "steps, sft_weight or max_margin (docs/guards.md).",
+                    state.global_step,
+                    chosen,
+                    self.accuracy_metric,
+                    accuracy,
+                )
+        policy, reference = logs.get("mse/policy_chosen"), logs.get("mse/ref_chosen")
+        if self.error_ratio is not None and policy is not None and reference is not None:
+            if policy > self.error_ratio * reference:
+                self._warn(
+                    "chosen_error",
+                    "Step %d: the policy's error on the chosen images (%.4g) is %.2f times the reference's (%.4g), "
+                    "above the warning factor %.2f: the policy is losing the images it should prefer. Consider "
+                    "sft_weight or max_margin (docs/guards.md).",
+                    state.global_step,
+                    policy,
+                    policy / reference,
+                    reference,
+                    self.error_ratio,
+                )
+
+    def _warn(self, kind: str, message: str, *values) -> None:
+        if kind not in self.warned:
+            self.warned.add(kind)
+            logger.warning(message, *values)

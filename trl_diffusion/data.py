@@ -213,6 +213,26 @@ class PreferenceDataset(torch.utils.data.Dataset):
         if not self.rows:
             raise ValueError(self.stats.explain_empty())
 
+    @classmethod
+    def from_config(cls, dataset, args) -> "PreferenceDataset":
+        """Wrap a `datasets.Dataset` with the data options of a trainer config (`DiffusionPreferenceConfig`)."""
+        return cls(
+            dataset,
+            resolution=args.resolution,
+            random_crop=args.random_crop,
+            random_flip=args.random_flip,
+            drop_ties=args.drop_ties,
+            skip_invalid_rows=args.skip_invalid_rows,
+            caption_column=args.caption_column,
+            image_columns=args.image_columns,
+            label_column=args.label_column,
+            confidence_column=args.confidence_column,
+        )
+
+    def row_fields(self, row: int) -> dict:
+        """Per-example values besides images and prompt, by the collator's key (here the optional confidence)."""
+        return {} if self.confidences is None else {"confidence": float(self.confidences[row])}
+
     def _undecode_image_columns(self):
         """Read `datasets.Image` columns as bytes, so decoding errors surface here with their row and column."""
         from datasets import Image as ImageFeature
@@ -279,9 +299,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
             "row_index": row,
             "original_sizes": original_sizes,
             "crop_top_lefts": crop_top_lefts,
+            **self.row_fields(row),
         }
-        if self.confidences is not None:
-            example["confidence"] = float(self.confidences[row])
         return example
 
 
@@ -301,6 +320,10 @@ class DiffusionPreferenceCollator:
     holds ``latents`` (``(2B, C, h, w)``, chosen first), ``latents_flipped`` where both flips are cached,
     ``prompt_embeds`` (the family's ``encode_prompt`` output, ``B`` rows per key) and, with precomputed reference
     errors, ``ref_errors`` (``2B``).
+
+    Examples with ``pixel_values`` of shape ``(k, 3, H, W)`` (a group of ``k`` images sharing one prompt; ``k = 1``
+    for the unpaired rows of [`UnpairedPreferenceDataset`]) are stacked image-major into ``(kB, 3, H, W)``, and an
+    example's ``desirable`` flag becomes a ``(B,)`` boolean ``desirable`` tensor.
     """
 
     def __call__(self, examples: list[dict | None]) -> dict:
@@ -312,22 +335,28 @@ class DiffusionPreferenceCollator:
             )
         if "latents" in valid[0]:
             batch = _collate_encodings(valid)
+        elif "pixel_values" in valid[0]:
+            batch = {"pixel_values": _image_major(torch.stack([e["pixel_values"] for e in valid]))}
         else:
             batch = {"pixel_values": _chosen_then_rejected(valid, "chosen_pixel_values", "rejected_pixel_values")}
+        group_size = len(valid[0]["original_sizes"])
         batch |= {
             "prompts": [e["prompt"] for e in valid],
             "row_index": torch.tensor([e["row_index"] for e in valid], dtype=torch.long),
-            "original_sizes": torch.tensor(
-                [e["original_sizes"][0] for e in valid] + [e["original_sizes"][1] for e in valid]
-            ),
-            "crop_top_lefts": torch.tensor(
-                [e["crop_top_lefts"][0] for e in valid] + [e["crop_top_lefts"][1] for e in valid]
-            ),
+            "original_sizes": torch.tensor([e["original_sizes"][i] for i in range(group_size) for e in valid]),
+            "crop_top_lefts": torch.tensor([e["crop_top_lefts"][i] for i in range(group_size) for e in valid]),
             "num_skipped": torch.tensor(len(examples) - len(valid)),
         }
         if "confidence" in valid[0]:
             batch["confidence"] = torch.tensor([e["confidence"] for e in valid], dtype=torch.float32)
+        if "desirable" in valid[0]:
+            batch["desirable"] = torch.tensor([bool(e["desirable"]) for e in valid], dtype=torch.bool)
         return batch
+
+
+def _image_major(stacked: torch.Tensor) -> torch.Tensor:
+    """``(B, k, ...)`` groups of ``k`` images to ``(kB, ...)``: image 0 of every example, then image 1, ..."""
+    return torch.cat(list(stacked.unbind(1)))
 
 
 def _chosen_then_rejected(examples: list[dict], chosen_key: str, rejected_key: str) -> torch.Tensor:
@@ -335,11 +364,11 @@ def _chosen_then_rejected(examples: list[dict], chosen_key: str, rejected_key: s
 
 
 def _collate_encodings(examples: list[dict]) -> dict:
-    """The encoding part of a cached batch: pair tensors ``(2, ...)`` become ``(2B, ...)``, chosen rows first."""
+    """The encoding part of a cached batch: group tensors ``(k, ...)`` become ``(kB, ...)``, image-major (for a pair,
+    chosen rows first)."""
 
     def pairs(key: str) -> torch.Tensor:
-        stacked = torch.stack([e[key] for e in examples])  # (B, 2, ...)
-        return torch.cat([stacked[:, 0], stacked[:, 1]])
+        return _image_major(torch.stack([e[key] for e in examples]))  # (B, k, ...) -> (kB, ...)
 
     batch = {
         "latents": pairs("latents"),

@@ -121,6 +121,7 @@ def encodings_fingerprint(trainer: "DiffusionPreferenceTrainer", dataset: Prefer
     parts = {
         "format": CACHE_FORMAT_VERSION,
         "dataset": getattr(dataset.dataset, "_fingerprint", None),
+        "kind": type(dataset).__name__,
         "pairs": hashlib.sha256(json.dumps(dataset.rows).encode()).hexdigest(),
         "columns": [list(dataset.image_columns), dataset.caption_column, dataset.confidence_column],
         "transform": dataset.transform_options(),
@@ -234,7 +235,7 @@ class EncodedPreferenceDataset(torch.utils.data.Dataset):
             tensors[name] = _from_column(values, dtype, shape)
         plain = {
             column: table.column(column).to_pylist()
-            for column in ("prompt", "row_index", "original_sizes", "crop_top_lefts", "confidence")
+            for column in ("prompt", "row_index", "original_sizes", "crop_top_lefts", "confidence", "desirable")
             if column in table.column_names
         }
         examples = []
@@ -285,8 +286,7 @@ class _PixelPairs(torch.utils.data.Dataset):
             "original_sizes": original_sizes,
             "crop_top_lefts": crop_top_lefts,
         }
-        if self.dataset.confidences is not None:
-            example["confidence"] = float(self.dataset.confidences[example["row_index"]])
+        example.update(self.dataset.row_fields(example["row_index"]))
         return example
 
 
@@ -305,9 +305,9 @@ def _encode_batch(trainer, next_batch, flips: tuple[bool, ...]):
         valid = [example for example in examples if example["pixels"] is not None]
         if not valid:
             return {"pair_index": []}
-        pixels = torch.stack([example["pixels"] for example in valid])  # (N, flips, 2, 3, H, W)
+        pixels = torch.stack([example["pixels"] for example in valid])  # (N, flips, k, 3, H, W), k images per example
         latents = trainer.encode_images(pixels.flatten(0, 2).to(trainer.accelerator.device))
-        latents = latents.reshape(len(valid), len(flips), 2, *latents.shape[1:])
+        latents = latents.reshape(len(valid), len(flips), pixels.shape[2], *latents.shape[1:])
         output = {
             "pair_index": [example["pair_index"] for example in valid],
             "row_index": [example["row_index"] for example in valid],
@@ -315,8 +315,9 @@ def _encode_batch(trainer, next_batch, flips: tuple[bool, ...]):
             "original_sizes": [example["original_sizes"] for example in valid],
             "crop_top_lefts": [example["crop_top_lefts"] for example in valid],
         }
-        if "confidence" in valid[0]:
-            output["confidence"] = [example["confidence"] for example in valid]
+        for column in ("confidence", "desirable"):
+            if column in valid[0]:
+                output[column] = [example[column] for example in valid]
         for position, flip in enumerate(flips):
             _store(output, "latents_flipped" if flip else "latents", latents[:, position])
         for key, value in trainer.family.encode_prompt(output["prompt"]).items():
@@ -393,8 +394,11 @@ def add_reference_errors(
     reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
     parts = {
         "encodings": dataset.fingerprint,
-        # With LoRA the reference is the base network: its adapters (whatever their initialisation) do not count.
-        "reference": weights_digest({"reference": reference}, skip=("lora_",) if trainer.is_peft else ()),
+        # With LoRA the reference is the base network: its adapters (whatever their initialisation) do not count,
+        # unless a frozen adapter is part of the reference (training on top of a LoRA, `reference="base+adapter"`).
+        "reference": weights_digest(
+            {"reference": reference}, skip=("lora_",) if trainer.is_peft and not trainer.reference_adapter else ()
+        ),
         "lora_base": trainer.is_peft,
         "seed": args.seed,
         "mode": mode,
@@ -429,7 +433,8 @@ def add_reference_errors(
         with trainer.reference_model(trainer.model) as network, trainer.accelerator.autocast():
             errors = trainer.denoising_errors(network, step)
         output = {}
-        _store(output, "ref_errors", torch.stack(errors.float().chunk(2), dim=1))  # (B, 2): chosen, rejected
+        group_size = len(errors) // len(indices)  # (B, k): chosen, rejected for a pair
+        _store(output, "ref_errors", torch.stack(errors.float().chunk(group_size), dim=1))
         return output
 
     with args.main_process_first(desc=f"reference errors ({name})"), torch.no_grad():

@@ -8,7 +8,7 @@ difference with a bootstrap confidence interval. [`EvaluationCallback`] runs the
 """
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,14 +18,20 @@ from PIL import Image
 from transformers import TrainerCallback
 
 # The scorers live in `scorers.py`; these names stay importable from here.
-from .scorers import CLIPScorer, PickScoreScorer, Scorer, redness_scorer, saturation_scorer  # noqa: F401
+from .scorers import (  # noqa: F401  # noqa: F401
+    CLIPScorer,
+    PickScoreScorer,
+    Scorer,
+    VideoScorer,
+    per_frame_scorer,
+    redness_scorer,
+    saturation_scorer,
+    temporal_smoothness_scorer,
+    video_redness_scorer,
+)
 
 
 logger = logging.getLogger(__name__)
-
-# A video scorer takes clips as (F, H, W, 3) uint8 arrays and their prompts, and returns one float per clip
-VideoScorer = Callable[[list[np.ndarray], list[str]], Sequence[float]]
-
 
 # ----- statistics -----
 
@@ -91,7 +97,10 @@ def generate_paired(
     for start in range(0, len(prompts), batch_size):
         generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds[start : start + batch_size]]
         output = pipeline(
-            list(prompts[start : start + batch_size]), generator=generators, output_type="pil", **generation_kwargs
+            prompt=list(prompts[start : start + batch_size]),
+            generator=generators,
+            output_type="pil",
+            **generation_kwargs,
         )
         images.extend(output.images)
     return images
@@ -182,43 +191,6 @@ def _compare(pipeline_or_path, prompts, scorer, lora, tuned, seeds, confidence, 
 
 
 # ----- video -----
-
-
-def video_redness_scorer(videos: list[np.ndarray], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based, per video: mean of ``R − (G + B)/2`` over all frames and pixels, in ``[−255, 255]``."""
-    scores = []
-    for video in videos:
-        video = np.asarray(video, dtype=np.float32)
-        scores.append(float(np.mean(video[..., 0] - (video[..., 1] + video[..., 2]) / 2)))
-    return np.array(scores)
-
-
-def temporal_smoothness_scorer(videos: list[np.ndarray], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based, per video: ``−mean |x_{t+1} − x_t| / 255`` over consecutive frames, in ``[−1, 0]`` (0: static)."""
-    scores = []
-    for video in videos:
-        video = np.asarray(video, dtype=np.float32)
-        scores.append(-float(np.abs(np.diff(video, axis=0)).mean()) / 255 if len(video) > 1 else 0.0)
-    return np.array(scores)
-
-
-def per_frame_scorer(image_scorer: Scorer, num_frames: int | None = 4) -> VideoScorer:
-    """A video scorer from an image scorer (CLIP, PickScore...): the mean score of ``num_frames`` frames spread
-    evenly over each video (all frames with ``None``), each scored with the video's prompt."""
-
-    def score(videos: list[np.ndarray], prompts: list[str]) -> np.ndarray:
-        frames, frame_prompts, counts = [], [], []
-        for video, prompt in zip(videos, prompts, strict=True):
-            video = np.asarray(video)
-            count = len(video) if num_frames is None else min(num_frames, len(video))
-            for index in np.linspace(0, len(video) - 1, count).round().astype(int):
-                frames.append(Image.fromarray(video[index]))
-                frame_prompts.append(prompt)
-            counts.append(count)
-        scores = np.asarray(image_scorer(frames, frame_prompts), dtype=np.float64)
-        return np.array([chunk.mean() for chunk in np.split(scores, np.cumsum(counts)[:-1])])
-
-    return score
 
 
 def generate_videos(

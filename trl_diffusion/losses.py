@@ -69,6 +69,8 @@ def diffusion_dpo_loss(
     beta: float = 2500.0,
     loss_type: str = "sigmoid",
     label_smoothing: float = 0.0,
+    sft_weight: float = 0.0,
+    max_margin: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Diffusion-DPO loss (Wallace et al. 2023, arXiv 2311.12908, Eq. 14).
 
@@ -84,19 +86,33 @@ def diffusion_dpo_loss(
     which is ``beta = 2500`` here. ``log sigma`` is computed with ``logsigmoid``, so the loss stays finite for huge
     ``beta`` and tiny errors.
 
+    Two optional guards against collapse (beyond the paper; both off by default):
+
+    - ``max_margin`` ``m``: the loss sees ``min(z, m)`` instead of ``z`` (``min(l, m / beta)`` for ``ipo``), so a pair
+      whose margin is already above ``m`` gives no gradient. DPO can raise ``z`` without bound by making the rejected
+      image unlikely, which also degrades the chosen one; the cap stops that push once a pair is well separated.
+    - ``sft_weight`` ``lambda``: adds ``lambda * mean(e_w)``, a supervised anchor on the chosen images (the term MaPO
+      always has), so the policy's error on them cannot drift up unopposed.
+
     Args:
         policy_chosen_errors, policy_rejected_errors: ``(B,)`` per-sample errors of the policy.
         ref_chosen_errors, ref_rejected_errors: ``(B,)`` per-sample errors of the frozen reference.
         beta: KL-regularisation strength.
         loss_type: one of ``sigmoid``, ``hinge``, ``ipo``, ``conservative``, ``robust``.
         label_smoothing: ``eps``, the assumed probability that a label is flipped (``conservative``/``robust``).
+        sft_weight: ``lambda`` of the supervised anchor ``lambda * mean(e_w)``; ``0`` turns it off.
+        max_margin: cap ``m`` on ``z = beta * l``; ``None`` turns it off.
 
     Returns:
-        ``(loss, metrics)``, the scalar loss and per-pair detached metrics (see [`dpo_reward_metrics`]).
+        ``(loss, metrics)``, the scalar loss and per-pair detached metrics (see [`dpo_reward_metrics`]); with a cap,
+        also ``guards/capped_fraction`` (1 where ``z > m``), and with an anchor ``guards/sft_loss`` (``e_w``).
     """
     margins = implicit_reward_margin(
         policy_chosen_errors, policy_rejected_errors, ref_chosen_errors, ref_rejected_errors
     )
+    uncapped = margins
+    if max_margin is not None:
+        margins = torch.clamp(margins, max=max_margin / beta)
     z = beta * margins
     eps = label_smoothing
     if loss_type == "sigmoid":
@@ -114,6 +130,83 @@ def diffusion_dpo_loss(
     metrics = dpo_reward_metrics(
         policy_chosen_errors, policy_rejected_errors, ref_chosen_errors, ref_rejected_errors, beta
     )
+    loss = losses.mean()
+    if max_margin is not None:
+        metrics["guards/capped_fraction"] = (uncapped.detach() > max_margin / beta).float()
+    if sft_weight:
+        loss = loss + sft_weight * policy_chosen_errors.mean()
+        metrics["guards/sft_loss"] = policy_chosen_errors.detach()
+    return loss, metrics
+
+
+def kto_reference_point(policy_errors: torch.Tensor, ref_errors: torch.Tensor) -> torch.Tensor:
+    """Diffusion-KTO's KL estimate before clamping: the batch mean of the implicit reward ``g = r - e``, detached.
+
+    The trainer averages it over processes and clamps it at 0 (see [`diffusion_kto_loss`]).
+    """
+    return (ref_errors - policy_errors).detach().mean()
+
+
+def diffusion_kto_loss(
+    policy_errors: torch.Tensor,
+    ref_errors: torch.Tensor,
+    desirable: torch.Tensor,
+    beta: float = 1000.0,
+    desirable_weight: float = 1.0,
+    undesirable_weight: float = 1.0,
+    reference_point: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Diffusion-KTO loss (Li et al. 2024, arXiv 2404.04465, "Aligning Diffusion Models by Optimizing Human Utility").
+
+    The paper maximises the expected Kahneman-Tversky utility of each image, with no pairs:
+
+        ``max_theta E_{x_0, t} [ U( w(x_0) * (beta * log pi_theta(x_{t-1}|x_t) / pi_ref(x_{t-1}|x_t) - Q_ref) ) ]``
+
+    with ``w(x_0) = +1`` for a desirable image and ``-1`` for an undesirable one, the utility ``U = sigmoid`` and the
+    reference point ``Q_ref = beta * KL(pi_theta || pi_ref)``. The log-likelihood ratio of a denoising step is
+    replaced, as in Diffusion-DPO, by the difference of denoising errors, ``g = r - e`` (the reference's error minus
+    the policy's, per image). As in the authors' code, the loss minimised is
+
+        ``L = mean( lambda_y * (1 - sigmoid( w(x_0) * beta * (g - z_0) )) )``
+
+    where ``lambda_y`` is ``desirable_weight`` (``lambda_D``) or ``undesirable_weight`` (``lambda_U``) and the KL
+    estimate ``z_0 = max(0, mean_batch g)`` is the batch mean of ``g`` over desirable and undesirable images alike
+    (averaged over processes by the trainer), clamped at 0 and detached. ``beta`` multiplies errors that are means over
+    ``C, H, W``, as in the authors' code (their default is 1000).
+
+    Args:
+        policy_errors, ref_errors: ``(B,)`` per-image errors of the policy and of the frozen reference.
+        desirable: ``(B,)`` booleans, ``True`` for a desirable image.
+        beta: the implicit reward's scale.
+        desirable_weight, undesirable_weight: ``lambda_D`` and ``lambda_U``.
+        reference_point: the KL estimate ``z_0``, already clamped; by default ``max(0, mean(g))`` over this batch.
+
+    Returns:
+        ``(loss, metrics)``. Per desirable image: ``rewards/chosen`` (``beta * g``), ``mse/policy_chosen``,
+        ``mse/ref_chosen``; per undesirable image: ``rewards/rejected``, ``mse/policy_rejected``, ``mse/ref_rejected``;
+        per image: ``kto/accuracy`` (``w(x_0) * (g - z_0) > 0``) and ``kto/utility_loss``; and ``kl``, ``z_0``.
+    """
+    desirable = desirable.bool()
+    rewards = ref_errors - policy_errors
+    if reference_point is None:
+        reference_point = kto_reference_point(policy_errors, ref_errors).clamp(min=0)
+    reference_point = reference_point.detach()
+    sign = desirable.float() * 2 - 1
+    z = sign * beta * (rewards - reference_point)
+    weights = torch.where(desirable, desirable_weight, undesirable_weight)
+    losses = weights * (1 - torch.sigmoid(z))
+    detached, e, r = rewards.detach(), policy_errors.detach(), ref_errors.detach()
+    metrics = {
+        "rewards/chosen": beta * detached[desirable],
+        "rewards/rejected": beta * detached[~desirable],
+        "mse/policy_chosen": e[desirable],
+        "mse/policy_rejected": e[~desirable],
+        "mse/ref_chosen": r[desirable],
+        "mse/ref_rejected": r[~desirable],
+        "kto/accuracy": preference_accuracy(z.detach()),
+        "kto/utility_loss": losses.detach(),
+        "kl": reference_point.reshape(1),
+    }
     return losses.mean(), metrics
 
 

@@ -21,7 +21,7 @@ def _usage_snippet(
                 "",
                 f'pipeline = {pipeline_class}.from_pretrained("{base_model}", torch_dtype=torch.bfloat16)',
                 f'pipeline.load_lora_weights("{repo}")',
-                'image = pipeline("a photo of an astronaut riding a horse").images[0]',
+                'image = pipeline(prompt="a photo of an astronaut riding a horse").images[0]',
             ]
         )
     return "\n".join(
@@ -33,7 +33,7 @@ def _usage_snippet(
             f"pipeline = {pipeline_class}.from_pretrained(",
             f'    "{base_model}", {denoiser_name}={denoiser_name}, torch_dtype=torch.bfloat16',
             ")",
-            'image = pipeline("a photo of an astronaut riding a horse").images[0]',
+            'image = pipeline(prompt="a photo of an astronaut riding a horse").images[0]',
         ]
     )
 
@@ -85,7 +85,7 @@ def write_model_card(
     rows = "\n".join(f"| {key} | {value} |" for key, value in hyperparameters.items())
     body = TEMPLATE.read_text().format(
         title=f"{repo}: {method_name} {kind}",
-        summary=f"A {kind} for `{base_model}`, trained with {method_name} on pairwise human preferences.",
+        summary=f"A {kind} for `{base_model}`, trained with {method_name} on human preference data.",
         usage=_usage_snippet(pipeline_class, base_model, repo, is_lora, denoiser_class, denoiser_name),
         method_name=method_name,
         paper_link=paper_link,

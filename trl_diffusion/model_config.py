@@ -24,6 +24,10 @@ TINY_MODELS = {
     "tiny-sdxl": ("build_tiny_sdxl", {}),
     "tiny-sd3": ("build_tiny_sd3", {}),
     "tiny-flux": ("build_tiny_flux", {}),
+    "tiny-flux2": ("build_tiny_flux2", {}),
+    "tiny-flux2-klein": ("build_tiny_flux2", {"klein": True}),
+    "tiny-qwen-image": ("build_tiny_qwen_image", {}),
+    "tiny-z-image": ("build_tiny_z_image", {}),
     "tiny-wan": ("build_tiny_wan", {}),
 }
 
@@ -41,8 +45,9 @@ class DiffusionModelConfig:
     Parameters:
         model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
             A diffusers pipeline: a Hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), a local folder, or one of
-            the offline tiny models `tiny-sd`, `tiny-sd-v`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux` (built from configs
-            on first use and cached under `$TRL_DIFFUSION_CACHE`, default `~/.cache/trl_diffusion`).
+            the offline tiny models `tiny-sd`, `tiny-sd-v`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-flux2`,
+            `tiny-flux2-klein`, `tiny-qwen-image`, `tiny-z-image` (built from configs on first use and cached under
+            `$TRL_DIFFUSION_CACHE`, default `~/.cache/trl_diffusion`).
         model_revision (`str`, *optional*, defaults to `"main"`):
             Branch, tag or commit of a Hub model.
         variant (`str` or `None`, *optional*, defaults to `None`):
@@ -77,7 +82,7 @@ class DiffusionModelConfig:
 
     model_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "Diffusers pipeline: Hub id, local folder, or tiny-sd / tiny-sdxl / tiny-sd3 / tiny-flux."},
+        metadata={"help": "Diffusers pipeline: Hub id, local folder, or a tiny model (tiny-sd, tiny-flux2...)."},
     )
     model_revision: str = field(default="main", metadata={"help": "Branch, tag or commit of a Hub model."})
     variant: str | None = field(default=None, metadata={"help": "Weight variant to load, e.g. fp16."})

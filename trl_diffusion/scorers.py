@@ -14,6 +14,10 @@ its published formula on top of a `transformers` model:
 | [`ImageRewardScorer`] | `(MLP(BLIP_text(c ⨯ x)[CLS]) − μ) / σ` | `THUDM/ImageReward`, `ImageReward.pt` (Apache-2.0) |
 
 `docs/building_preference_data.md` lists where each checkpoint comes from and what its licence allows.
+
+Video scorers take clips, ``(F, H, W, 3)`` uint8 arrays, and score each: [`per_frame_scorer`] turns any image scorer
+above into one (the mean over frames spread across the clip); [`video_redness_scorer`] and
+[`temporal_smoothness_scorer`] are rule-based.
 """
 
 import logging
@@ -27,6 +31,8 @@ from PIL import Image
 logger = logging.getLogger(__name__)
 
 Scorer = Callable[[list[Image.Image], list[str]], Sequence[float]]
+# A video scorer takes clips as (F, H, W, 3) uint8 arrays and their prompts, and returns one float per clip
+VideoScorer = Callable[[list[np.ndarray], list[str]], Sequence[float]]
 
 HPS_REPO_ID = "xswu/HPSv2"
 HPS_CHECKPOINTS = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
@@ -427,6 +433,46 @@ class ImageRewardScorer:
         ).last_hidden_state
         rewards = self.head(hidden[:, 0].float()).squeeze(-1)
         return ((rewards - self.mean) / self.std).cpu().numpy()
+
+
+# ----- video -----
+
+
+def video_redness_scorer(videos: list[np.ndarray], prompts: list[str] | None = None) -> np.ndarray:
+    """Rule-based, per video: mean of ``R − (G + B)/2`` over all frames and pixels, in ``[−255, 255]``."""
+    scores = []
+    for video in videos:
+        video = np.asarray(video, dtype=np.float32)
+        scores.append(float(np.mean(video[..., 0] - (video[..., 1] + video[..., 2]) / 2)))
+    return np.array(scores)
+
+
+def temporal_smoothness_scorer(videos: list[np.ndarray], prompts: list[str] | None = None) -> np.ndarray:
+    """Rule-based, per video: ``−mean |x_{t+1} − x_t| / 255`` over consecutive frames, in ``[−1, 0]`` (0: static)."""
+    scores = []
+    for video in videos:
+        video = np.asarray(video, dtype=np.float32)
+        scores.append(-float(np.abs(np.diff(video, axis=0)).mean()) / 255 if len(video) > 1 else 0.0)
+    return np.array(scores)
+
+
+def per_frame_scorer(image_scorer: Scorer, num_frames: int | None = 4) -> VideoScorer:
+    """A video scorer from an image scorer (CLIP, PickScore...): the mean score of ``num_frames`` frames spread
+    evenly over each video (all frames with ``None``), each scored with the video's prompt."""
+
+    def score(videos: list[np.ndarray], prompts: list[str]) -> np.ndarray:
+        frames, frame_prompts, counts = [], [], []
+        for video, prompt in zip(videos, prompts, strict=True):
+            video = np.asarray(video)
+            count = len(video) if num_frames is None else min(num_frames, len(video))
+            for index in np.linspace(0, len(video) - 1, count).round().astype(int):
+                frames.append(Image.fromarray(video[index]))
+                frame_prompts.append(prompt)
+            counts.append(count)
+        scores = np.asarray(image_scorer(frames, frame_prompts), dtype=np.float64)
+        return np.array([chunk.mean() for chunk in np.split(scores, np.cumsum(counts)[:-1])])
+
+    return score
 
 
 def _frame_scorer() -> Scorer:

@@ -8,12 +8,15 @@ import sys
 import torch
 from safetensors.torch import load_file
 
+from trl_diffusion.scripts.cli import COMMANDS
+
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_YAML = os.path.join(REPO, "examples", "scripts", "sd15_dpo_tiny.yaml")
 TINY_DATASET = os.path.join(REPO, "examples", "data", "pickapic_tiny")
 SHIM = os.path.join(REPO, "tests", "helpers", "cpu_engine_shim.py")
-SCRIPTS = {"dpo": "diffusion_dpo", "mapo": "mapo", "adaptive-dpo": "adaptive_dpo"}
+# CLI command -> script module, as the `trl-diffusion` command maps them
+SCRIPTS = {command: module for command, (module, _) in COMMANDS.items()}
 
 # Plain SGD: Adam normalises each update, so a gradient off by a constant factor (a wrong average over processes)
 # would still give nearly the same weights. With SGD the weights are proportional to the summed gradients.

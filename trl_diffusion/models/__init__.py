@@ -7,10 +7,13 @@ from diffusers import DiffusionPipeline
 from .base import DiffusionFamily
 from .flow_matching import FlowMatchingFamily
 from .flux import FluxFamily
+from .flux2 import Flux2Family
+from .qwen_image import QwenImageFamily
 from .stable_diffusion import StableDiffusionFamily
 from .stable_diffusion_3 import StableDiffusion3Family
 from .stable_diffusion_xl import StableDiffusionXLFamily
 from .wan import WanFamily
+from .z_image import ZImageFamily
 
 
 if TYPE_CHECKING:
@@ -22,6 +25,9 @@ FAMILIES: list[type[DiffusionFamily]] = [
     StableDiffusionXLFamily,
     StableDiffusion3Family,
     FluxFamily,
+    Flux2Family,
+    QwenImageFamily,
+    ZImageFamily,
     WanFamily,
 ]
 
@@ -44,10 +50,13 @@ __all__ = [
     "FAMILIES",
     "DiffusionFamily",
     "FlowMatchingFamily",
+    "Flux2Family",
     "FluxFamily",
+    "QwenImageFamily",
     "StableDiffusion3Family",
     "StableDiffusionFamily",
     "StableDiffusionXLFamily",
     "WanFamily",
+    "ZImageFamily",
     "get_family",
 ]

@@ -4,6 +4,7 @@ import torch
 
 from .base import token_ids
 from .flow_matching import FlowMatchingFamily
+from .resolution_shift import ResolutionShiftMixin
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
@@ -29,7 +30,7 @@ def latent_image_ids(height: int, width: int, device: torch.device, dtype: torch
     return ids.to(device=device, dtype=dtype)
 
 
-class FluxFamily(FlowMatchingFamily):
+class FluxFamily(ResolutionShiftMixin, FlowMatchingFamily):
     """Flux.1 (``FluxPipeline``: dev, schnell and their fine-tunes), trained with flow matching.
 
     The conditioning is built as ``FluxPipeline.encode_prompt`` builds it: ``pooled_projections`` is the CLIP
@@ -38,9 +39,13 @@ class FluxFamily(FlowMatchingFamily):
     position ids (zeros for text, ``(0, row, column)`` for the image), the timestep as ``σ = t/T`` and, for
     guidance-distilled transformers (``guidance_embeds``, e.g. FLUX.1 dev), the guidance ``guidance_scale``; it unpacks
     the prediction, so errors and losses see the usual latent shape.
+
+    Noise levels are not shifted by default, as in the diffusers Flux example; ``resolution_shift=True`` shifts them
+    with the pipeline's ``μ`` for ``resolution`` (see [`ResolutionShiftMixin`]).
     """
 
     pipeline_class_names = ("FluxPipeline",)
+    default_resolution_shift = False
     default_max_sequence_length = 512
 
     def __init__(self, pipeline, args):

@@ -4,9 +4,10 @@ import torch
 
 from .base import token_ids, two_clip_outputs
 from .flow_matching import FlowMatchingFamily
+from .resolution_shift import ResolutionShiftMixin
 
 
-class StableDiffusion3Family(FlowMatchingFamily):
+class StableDiffusion3Family(ResolutionShiftMixin, FlowMatchingFamily):
     """SD3/SD3.5 (``StableDiffusion3Pipeline``), trained with flow matching (see [`FlowMatchingFamily`]).
 
     The prompt conditioning is built as ``StableDiffusion3Pipeline.encode_prompt`` builds it (without its second,

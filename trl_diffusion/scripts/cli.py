@@ -1,4 +1,5 @@
-"""The `trl-diffusion` command: `trl-diffusion {dpo,mapo,adaptive-dpo,generate-pairs} [--accelerate_config NAME] ARGS`.
+"""The `trl-diffusion` command: `trl-diffusion {dpo,mapo,adaptive-dpo,kto,generate-pairs} [--accelerate_config NAME]
+ARGS`.
 
 Like the `trl` command, it parses the script's arguments (flags and a YAML `--config`) once, hands everything that is
 not a training argument (`--num_processes 2`, `--mixed_precision bf16`, ...) to `accelerate launch`, and relaunches
@@ -19,6 +20,7 @@ COMMANDS = {
     "dpo": ("diffusion_dpo", "Diffusion-DPO (Wallace et al. 2023)"),
     "mapo": ("mapo", "MaPO: margin-aware preference optimization, no reference (Hong et al. 2024)"),
     "adaptive-dpo": ("adaptive_dpo", "Minority-aware Adaptive-DPO (arXiv 2503.16921)"),
+    "kto": ("diffusion_kto", "Diffusion-KTO: unpaired likes and dislikes (Li et al. 2024)"),
     "generate-pairs": ("generate_pairs", "On-policy preference pairs: sample a model, score with a reward model"),
 }
 # Commands that run in this process, without `accelerate launch`: command -> (module, help)

@@ -1,4 +1,4 @@
-"""`trl-diffusion export-lora PATH`: write a diffusers LoRA in the kohya key format (ComfyUI, Forge/A1111, kohya).
+"""`trl-diffusion export-lora PATH`: write a diffusers LoRA in the kohya key format (ComfyUI, Forge, kohya).
 
 ```bash
 trl-diffusion export-lora sdxl-dpo                      # writes sdxl-dpo/pytorch_lora_weights_kohya.safetensors
@@ -12,7 +12,10 @@ import os
 
 
 def make_parser(prog: str | None = "trl-diffusion export-lora") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0].split(": ", 1)[1])
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Write a saved diffusers LoRA in the kohya key format (ComfyUI, Forge, kohya's scripts).",
+    )
     parser.add_argument("path", help="A saved LoRA folder, or its pytorch_lora_weights.safetensors file.")
     parser.add_argument(
         "--output",

@@ -4,6 +4,8 @@ from .base_config import DiffusionPreferenceConfig
 from .base_trainer import DiffusionPreferenceTrainer
 from .diffusion_dpo_config import DiffusionDPOConfig
 from .diffusion_dpo_trainer import DiffusionDPOTrainer
+from .diffusion_kto_config import DiffusionKTOConfig
+from .diffusion_kto_trainer import DiffusionKTOTrainer
 from .mapo_config import MaPOConfig
 from .mapo_trainer import MaPOTrainer
 
@@ -13,6 +15,7 @@ METHODS: dict[str, tuple[type[DiffusionPreferenceTrainer], type[DiffusionPrefere
     "dpo": (DiffusionDPOTrainer, DiffusionDPOConfig),
     "mapo": (MaPOTrainer, MaPOConfig),
     "adaptive": (AdaptiveDPOTrainer, AdaptiveDPOConfig),
+    "kto": (DiffusionKTOTrainer, DiffusionKTOConfig),
 }
 
 __all__ = [
@@ -21,6 +24,8 @@ __all__ = [
     "AdaptiveDPOTrainer",
     "DiffusionDPOConfig",
     "DiffusionDPOTrainer",
+    "DiffusionKTOConfig",
+    "DiffusionKTOTrainer",
     "DiffusionPreferenceConfig",
     "DiffusionPreferenceTrainer",
     "MaPOConfig",

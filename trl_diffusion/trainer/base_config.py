@@ -67,6 +67,19 @@ class DiffusionPreferenceConfig(_BaseConfig):
             Data-loader worker processes; images are decoded and transformed there, off the training process.
         remove_unused_columns (`bool`, *optional*, defaults to `False`):
             Kept `False`: the trainers select their columns themselves.
+        adapter_name_or_path (`str` or `None`, *optional*, defaults to `None`):
+            Train on top of an existing LoRA: a folder or Hub id in a LoRA format the pipeline's `load_lora_weights`
+            reads. The policy starts from it (with its own rank and target modules) and the saved adapter is the
+            trained version of it. LoRA training only; no copy of the denoiser is made (see `docs/training.md`).
+        reference (`str`, *optional*, defaults to `"base+adapter"`):
+            With `adapter_name_or_path`: the reference is the base plus that LoRA, frozen (`"base+adapter"`, held as a
+            second, frozen adapter), or the base alone (`"base"`, the adapters disabled).
+        collapse_warning_accuracy (`float` or `None`, *optional*, defaults to `0.95`):
+            Warn once (in the logs) when `rewards/chosen` falls below zero while the preference accuracy is at least
+            this: a sign of a collapsing run (see `docs/guards.md`). `None` turns the check off.
+        collapse_warning_error_ratio (`float` or `None`, *optional*, defaults to `1.25`):
+            Warn once when the policy's error on the chosen images exceeds the reference's by this factor
+            (`mse/policy_chosen > ratio · mse/ref_chosen`). `None` turns the check off.
 
         > Model-family options (see `docs/supported_models.md`)
 
@@ -97,10 +110,17 @@ class DiffusionPreferenceConfig(_BaseConfig):
             ε-prediction families, and so is `beta`.
         max_sequence_length (`int` or `None`, *optional*, defaults to `None`):
             SD3, Flux: tokens of the T5 prompt embedding. `None` takes the pipeline's default (SD3 256, Flux 512),
-            capped at the T5 tokenizer's `model_max_length`.
+            capped at the T5 tokenizer's `model_max_length`. Flux.2, Qwen-Image, Z-Image: tokens of the chat-formatted
+            prompt (default 512), the fixed length of the embeddings (padding is masked where the model has a mask).
         guidance_scale (`float`, *optional*, defaults to `3.5`):
-            Flux: value fed to the guidance embedding of guidance-distilled transformers (`guidance_embeds`, such as
-            FLUX.1 dev) during training, as the diffusers Flux training example does. Unused otherwise.
+            Flux, Flux.2, Qwen-Image: value fed to the guidance embedding of guidance-distilled transformers
+            (`guidance_embeds`, such as FLUX.1 dev and FLUX.2 dev) during training, as the diffusers Flux training
+            example does. Unused otherwise.
+        resolution_shift (`bool` or `None`, *optional*, defaults to `None`):
+            Flow matching with a scheduler that shifts its noise levels by image size (`use_dynamic_shifting`):
+            shift the training `σ` with the pipeline's `μ` for `resolution`, as the pipeline does at inference.
+            `None`: the family's default (on for Flux.2 and Qwen-Image, off for Flux.1 as in the diffusers
+            example). `True` is an error for a scheduler with a static shift (SD3, Z-Image).
 
         > Video families (Wan; see `docs/data.md`)
 
@@ -214,6 +234,27 @@ class DiffusionPreferenceConfig(_BaseConfig):
     remove_unused_columns: bool = field(
         default=False, metadata={"help": "Kept False: the trainers select their columns themselves."}
     )
+    adapter_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Train on top of this LoRA (a folder or Hub id in a format load_lora_weights reads)."},
+    )
+    reference: str = field(
+        default="base+adapter",
+        metadata={
+            "help": "With adapter_name_or_path: the reference is the base plus that LoRA (frozen) or the base alone.",
+            "choices": ["base+adapter", "base"],
+        },
+    )
+    collapse_warning_accuracy: float | None = field(
+        default=0.95,
+        metadata={"help": "Warn once when rewards/chosen < 0 while accuracy >= this (None: off)."},
+    )
+    collapse_warning_error_ratio: float | None = field(
+        default=1.25,
+        metadata={
+            "help": "Warn once when the policy's chosen error exceeds the reference's by this factor (None: off)."
+        },
+    )
     pretrained_vae_model_name_or_path: str | None = field(
         default=None,
         metadata={"help": "SDXL: a VAE folder or Hub id replacing the pipeline's (e.g. the fp16-fix VAE)."},
@@ -248,6 +289,13 @@ class DiffusionPreferenceConfig(_BaseConfig):
     )
     guidance_scale: float = field(
         default=3.5, metadata={"help": "Flux: guidance embedding value of guidance-distilled transformers."}
+    )
+    resolution_shift: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Flow matching with a dynamic-shift scheduler: shift the training sigma by the resolution's mu, "
+            "as at inference. None: the family's default (Flux.2, Qwen-Image on; Flux.1 off)."
+        },
     )
     num_frames: int | None = field(
         default=None, metadata={"help": "Video: frames per training clip. None: the family's default (Wan: 81)."}
@@ -340,6 +388,8 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
         if len(self.image_columns) != 2:
             raise ValueError(f"image_columns must name exactly two columns, got {self.image_columns}.")
+        if self.reference not in ("base+adapter", "base"):
+            raise ValueError(f"reference must be 'base+adapter' or 'base', got {self.reference!r}.")
         if self.timestep_buckets < 1:
             raise ValueError(f"timestep_buckets must be at least 1, got {self.timestep_buckets}.")
         if self.skip_nonfinite_steps < 0:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from ..callbacks import read_widget
+from ..callbacks import CollapseWarningCallback, read_widget
 from ..data import DiffusionPreferenceCollator, PreferenceDataset
 from ..encodings import FIXED_NOISE_STEP, prepare_cached_datasets
 from ..lora_formats import KOHYA_WEIGHT_NAME, export_kohya_lora
@@ -42,6 +42,11 @@ LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 class DenoisingStep:
     """One micro-batch, ready for the denoiser: ``2B`` rows, chosen images first, noise and timestep shared by pairs.
 
+    More generally, each of the ``B`` examples of a batch is a group of ``k = group_size`` images that share a prompt,
+    a noise tensor and a timestep, stored image-major (image 0 of every example, then image 1, ...): ``k = 2`` for a
+    pair ``[x_w ; x_l]``, ``k = 1`` for the unpaired rows of [`UnpairedPreferenceDataset`] (Diffusion-KTO). ``k`` is
+    read from the batch (images per ``row_index``), so a method needs no switch for it.
+
     Attributes:
         noisy_latents: the denoiser's input ``x_t``, ``(2B, C, h, w)``.
         target: the regression target (noise, velocity...), same shape.
@@ -52,6 +57,7 @@ class DenoisingStep:
         mode: ``"train"`` or ``"eval"``.
         ref_errors: ``(2B,)`` errors of the reference, for methods that have one.
         auxiliary_errors: no-grad errors of other networks a method consults (e.g. EMA annotators), by name.
+        group_size: images per example, ``k`` (2 for pairs, 1 for unpaired rows).
     """
 
     noisy_latents: torch.Tensor
@@ -63,6 +69,7 @@ class DenoisingStep:
     mode: str = "train"
     ref_errors: torch.Tensor | None = None
     auxiliary_errors: dict[str, torch.Tensor] = field(default_factory=dict)
+    group_size: int = 2
 
 
 def pair_seed(seed: int, step: int, row: int) -> int:
@@ -132,7 +139,9 @@ class DiffusionPreferenceTrainer(Trainer):
     Each step takes ``B`` pairs as ``[x_w ; x_l]`` latents, draws one noise tensor and one timestep per pair (shared by
     its two images), computes the per-sample denoising errors ``e = mean_{C,H,W} (prediction - target)^2`` of the
     policy in float32 (and of the reference under ``torch.no_grad()`` where the method has one), and hands them to the
-    method's loss function. A method subclass sets the class attributes and implements [`preference_loss`].
+    method's loss function. A method subclass sets the class attributes and implements [`preference_loss`]; an unpaired
+    method (one image per example, as Diffusion-KTO) also sets ``dataset_class`` to [`UnpairedPreferenceDataset`], and
+    the step then gives each image its own noise and timestep (``DenoisingStep.group_size == 1``).
 
     Args:
         model: a diffusers pipeline folder or Hub id (loaded with ``DiffusionPipeline.from_pretrained``), or a loaded
@@ -160,6 +169,9 @@ class DiffusionPreferenceTrainer(Trainer):
     _accuracy_metric = "rewards/accuracies"
     # `compute_loss` returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
     loss_is_scaled_for_ga = False
+    # What a raw `datasets.Dataset` is wrapped in (its `from_config(dataset, args)`): pairs here; an unpaired method
+    # (Diffusion-KTO) sets `UnpairedPreferenceDataset`, whose examples hold one image each.
+    dataset_class: type[PreferenceDataset] = PreferenceDataset
 
     def __init__(
         self,
@@ -179,10 +191,11 @@ class DiffusionPreferenceTrainer(Trainer):
             args = self.config_class(output_dir=f"{os.path.basename(str(model_name).rstrip('/'))}-{self._name}")
         if ref_model is not None and not self._uses_reference:
             raise ValueError(f"{type(self).__name__} uses no reference model; do not pass `ref_model`.")
-        if ref_model is not None and peft_config is not None:
+        if ref_model is not None and (peft_config is not None or args.adapter_name_or_path is not None):
             raise ValueError(
-                "With a `peft_config`, the reference is the base network with its adapters disabled; "
-                "do not pass `ref_model` (it would be a second copy in memory)."
+                "With LoRA (`peft_config` or `adapter_name_or_path`), the reference is the base network with its "
+                "adapters disabled (or with a frozen adapter); do not pass `ref_model` (it would be a second copy in "
+                "memory)."
             )
         # Seed before LoRA initialisation and reference copies, as `Trainer` does for its own model init.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
@@ -192,15 +205,21 @@ class DiffusionPreferenceTrainer(Trainer):
         for name, module in self.family.frozen_modules().items():
             _cast(module.requires_grad_(False).eval(), self.family.frozen_module_dtype(name, self.weight_dtype))
         denoiser = self.family.denoiser
-        self.is_peft = peft_config is not None
+        # Training on top of an existing LoRA (`adapter_name_or_path`) is LoRA training of that adapter
+        self.is_peft = peft_config is not None or args.adapter_name_or_path is not None
+        # The name of a frozen adapter that is (with the base) the reference, or None when the reference is the base
+        self.reference_adapter: str | None = None
         check_quantized_setup(denoiser, args, self.is_peft)
         if self.is_peft:
             denoiser.requires_grad_(False)
             if not is_quantized(denoiser):  # a quantized model keeps its own dtypes (and refuses casts)
                 _cast(denoiser, self.weight_dtype)
-            if peft_config.target_modules is None:
-                peft_config.target_modules = list(self.family.lora_target_modules)
-            denoiser.add_adapter(peft_config)
+            if args.adapter_name_or_path is not None:
+                self._load_starting_adapter(pipeline, args, peft_config)
+            else:
+                if peft_config.target_modules is None:
+                    peft_config.target_modules = list(self.family.lora_target_modules)
+                denoiser.add_adapter(peft_config)
             for parameter in denoiser.parameters():
                 if parameter.requires_grad:
                     parameter.data = parameter.data.float()
@@ -230,6 +249,11 @@ class DiffusionPreferenceTrainer(Trainer):
             processing_class=processing_class,
             callbacks=callbacks,
             optimizers=optimizers,
+        )
+        self.add_callback(
+            CollapseWarningCallback(
+                self._accuracy_metric, args.collapse_warning_accuracy, args.collapse_warning_error_ratio
+            )
         )
         device = self.accelerator.device
         for module in self.family.frozen_modules().values():
@@ -268,23 +292,42 @@ class DiffusionPreferenceTrainer(Trainer):
             reference = type(denoiser).from_pretrained(str(ref_model), subfolder=subfolder if has_subfolder else None)
         return _cast(reference.requires_grad_(False).eval(), self.weight_dtype)
 
+    def _load_starting_adapter(self, pipeline: DiffusionPipeline, args, peft_config: PeftConfig | None) -> None:
+        """Start the policy from the user's LoRA, loaded as the trained adapter ``"default"`` through the pipeline's
+        own ``load_lora_weights`` (so every LoRA format diffusers reads works); with ``reference="base+adapter"`` and
+        a method that has a reference, load it a second time as the frozen adapter ``"reference"``. Only LoRA
+        weights are duplicated: the denoiser itself is never copied."""
+        source = args.adapter_name_or_path
+        if peft_config is not None:
+            logger.warning(
+                "adapter_name_or_path is set: training continues that LoRA with its own rank and target modules; "
+                "the rank and targets of the given peft_config are not used."
+            )
+        names = ["default"] + (["reference"] if self._uses_reference and args.reference == "base+adapter" else [])
+        for name in names:
+            pipeline.load_lora_weights(source, adapter_name=name)
+        denoised = [key for key, module in pipeline.components.items() if getattr(module, "peft_config", None)]
+        if denoised != [self.family.denoiser_name]:
+            raise ValueError(
+                f"The LoRA {source!r} has layers for {denoised}; only a LoRA of the denoiser "
+                f"({self.family.denoiser_name}) can be trained on (the text encoders are frozen)."
+            )
+        denoiser = self.family.denoiser
+        denoiser.set_adapter("default")  # active and trainable; "reference" is inactive and frozen
+        self.reference_adapter = "reference" if "reference" in names else None
+        for name, parameter in denoiser.named_parameters():
+            parameter.requires_grad_("lora_" in name and ".default." in name)
+
     def _wrap_dataset(self, dataset, args: DiffusionPreferenceConfig):
         if dataset is None or isinstance(dataset, PreferenceDataset) or not hasattr(dataset, "column_names"):
             return dataset
         if self.family.is_video:
+            if self.dataset_class is not PreferenceDataset:
+                raise NotImplementedError(
+                    f"{type(self).__name__} trains on unpaired images; video families take preference pairs only."
+                )
             return VideoPreferenceDataset.from_config(dataset, args, self.family)
-        return PreferenceDataset(
-            dataset,
-            resolution=args.resolution,
-            random_crop=args.random_crop,
-            random_flip=args.random_flip,
-            drop_ties=args.drop_ties,
-            skip_invalid_rows=args.skip_invalid_rows,
-            caption_column=args.caption_column,
-            image_columns=args.image_columns,
-            label_column=args.label_column,
-            confidence_column=args.confidence_column,
-        )
+        return self.dataset_class.from_config(dataset, args)
 
     # ----- the training step -----
 
@@ -348,10 +391,11 @@ class DiffusionPreferenceTrainer(Trainer):
             cached = "latents" in inputs
             latents = inputs["latents"].float() if cached else self.encode_images(inputs["pixel_values"])
             noise, uniforms, host_uniforms = self._pair_randomness(inputs["row_index"], latents.shape[1:], mode)
+            group_size = latents.shape[0] // len(inputs["row_index"])
             drop_rate = self.args.proportion_empty_prompts
             if cached:
                 if "latents_flipped" in inputs:
-                    flip = (uniforms[:, 2] < 0.5).repeat(2).view(-1, *([1] * (latents.dim() - 1)))
+                    flip = (uniforms[:, 2] < 0.5).repeat(group_size).view(-1, *([1] * (latents.dim() - 1)))
                     latents = torch.where(flip, inputs["latents_flipped"].float(), latents)
                 dropped = uniforms[:, 1] < drop_rate if drop_rate > 0 else None
                 prompt_embeds = self._cached_prompt_embeds(inputs["prompt_embeds"], dropped)
@@ -361,10 +405,10 @@ class DiffusionPreferenceTrainer(Trainer):
                     dropped = (host_uniforms[:, 1] < drop_rate).tolist()
                     prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
                 prompt_embeds = self.family.encode_prompt(prompts)
-            conditioning = {key: torch.cat([value, value]) for key, value in prompt_embeds.items()}
+            conditioning = {key: torch.cat([value] * group_size) for key, value in prompt_embeds.items()}
             conditioning.update(self.family.image_conditioning(inputs))
-            timesteps = self.family.timesteps_from_uniform(uniforms[:, 0]).repeat(2)
-            noise = noise.repeat(2, *([1] * (noise.dim() - 1)))
+            timesteps = self.family.timesteps_from_uniform(uniforms[:, 0]).repeat(group_size)
+            noise = noise.repeat(group_size, *([1] * (noise.dim() - 1)))
             noisy_latents = self.family.noisy_input(latents, noise, timesteps)
             if self.args.channels_last and noisy_latents.dim() == 4:
                 noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
@@ -377,6 +421,7 @@ class DiffusionPreferenceTrainer(Trainer):
             error_weights=self.family.error_weights(timesteps),
             inputs=inputs,
             mode=mode,
+            group_size=group_size,
         )
 
     def denoising_errors(self, denoiser: torch.nn.Module, step: DenoisingStep) -> torch.Tensor:
@@ -389,9 +434,18 @@ class DiffusionPreferenceTrainer(Trainer):
 
     @contextmanager
     def reference_model(self, model: torch.nn.Module):
-        """Yield the reference denoiser: the policy with adapters disabled (LoRA) or the frozen copy."""
+        """Yield the reference denoiser: the policy with adapters disabled (LoRA), the base with the frozen
+        ``"reference"`` adapter (training on top of a LoRA with ``reference="base+adapter"``) or the frozen copy."""
         if self.ref_model is not None:
             yield self.ref_model
+            return
+        if self.reference_adapter is not None:
+            denoiser = self.accelerator.unwrap_model(model)
+            denoiser.set_adapter(self.reference_adapter)
+            try:
+                yield model if is_compiled_module(model) else denoiser
+            finally:
+                denoiser.set_adapter("default")
             return
         if not self.is_peft:
             raise RuntimeError(
@@ -430,7 +484,7 @@ class DiffusionPreferenceTrainer(Trainer):
             terms = {"loss": loss, "policy errors": policy_errors, "reference errors": step.ref_errors}
             terms.update({f"{name} errors": errors for name, errors in step.auxiliary_errors.items()})
             self.nonfinite_guard.observe(inputs["row_index"], terms)
-        self._record_metrics(mode, metrics, step.timesteps.chunk(2)[0])
+        self._record_metrics(mode, metrics, step.timesteps[: len(step.timesteps) // step.group_size])
         self._skipped_rows[mode] += int(inputs.get("num_skipped", 0))
         return (loss, metrics) if return_outputs else loss
 

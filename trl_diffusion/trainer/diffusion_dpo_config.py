@@ -30,6 +30,16 @@ class DiffusionDPOConfig(DiffusionPreferenceConfig):
             α of the TR-DPO update, in `(0, 1]`.
         ref_model_sync_steps (`int`, *optional*, defaults to `512`):
             τ of the TR-DPO update: optimizer steps between reference updates.
+
+        > Guards against collapse (see `docs/guards.md`)
+
+        sft_weight (`float`, *optional*, defaults to `0.0`):
+            Weight `λ` of a supervised anchor on the chosen images, `L += λ·mean(e_w)`: it keeps the policy's error on
+            the chosen images from rising while DPO pushes the rejected ones away. `0` turns it off.
+        max_margin (`float` or `None`, *optional*, defaults to `None`):
+            Cap on the scaled margin `β·ℓ` the loss sees: a pair whose margin is above it gives no gradient, so DPO
+            stops pushing pairs that are already well separated (SimpleTuner caps the margin for the same reason).
+            `None` turns it off.
     """
 
     beta: float = field(
@@ -53,6 +63,12 @@ class DiffusionDPOConfig(DiffusionPreferenceConfig):
         default=0.6, metadata={"help": "TR-DPO alpha: ref = alpha * policy + (1 - alpha) * ref."}
     )
     ref_model_sync_steps: int = field(default=512, metadata={"help": "TR-DPO tau: steps between reference updates."})
+    sft_weight: float = field(
+        default=0.0, metadata={"help": "Guard: weight of a supervised anchor on the chosen images (0: off)."}
+    )
+    max_margin: float | None = field(
+        default=None, metadata={"help": "Guard: cap on beta * margin; pairs above it give no gradient (None: off)."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -64,5 +80,9 @@ class DiffusionDPOConfig(DiffusionPreferenceConfig):
             raise ValueError(f"beta must be positive, got {self.beta}.")
         if not 0.0 < self.ref_model_mixup_alpha <= 1.0:
             raise ValueError(f"ref_model_mixup_alpha must be in (0, 1], got {self.ref_model_mixup_alpha}.")
+        if self.sft_weight < 0:
+            raise ValueError(f"sft_weight must be non-negative, got {self.sft_weight}.")
+        if self.max_margin is not None and self.max_margin <= 0:
+            raise ValueError(f"max_margin must be positive (or None to turn the cap off), got {self.max_margin}.")
         if self.ref_model_sync_steps < 1:
             raise ValueError(f"ref_model_sync_steps must be at least 1, got {self.ref_model_sync_steps}.")

@@ -74,6 +74,8 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
             beta=self.args.beta,
             loss_type=self.args.loss_type,
             label_smoothing=self.args.label_smoothing,
+            sft_weight=self.args.sft_weight,
+            max_margin=self.args.max_margin,
         )
 
     def model_card_hyperparameters(self):
@@ -82,5 +84,7 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
             "beta": args.beta,
             "loss_type": args.loss_type,
             "label_smoothing": args.label_smoothing,
+            **({"sft_weight": args.sft_weight} if args.sft_weight else {}),
+            **({"max_margin": args.max_margin} if args.max_margin is not None else {}),
             **super().model_card_hyperparameters(),
         }
