@@ -1,43 +1,57 @@
-"""Preference-efficacy benchmark: do the trainers move a model towards what the preferences ask for?
+"""Preference-efficacy benchmark: does each method deliver its own claim, at the same budget, over several seeds?
 
 On the synthetic task of `trl_diffusion.synthetic` (a tiny text-to-image model pre-trained on captioned squares; the
-true reward is saturation, which the prompts never mention):
+true reward, saturation by default, is a property no prompt mentions):
 
 1. pre-train (or reuse) the tiny base model;
-2. self-generate preference pairs from it, labelled by the true reward, and flip a fraction of the labels
-   (``--flip_rates``), scattered or all from one minority annotator (``--flip_mode``);
-3. train every method of `trl_diffusion.METHODS` with LoRA at the same budget (Diffusion-KTO on the same pairs,
-   unpaired: one desirable and one undesirable row per pair, twice the rows per batch);
-4. generate from base and base + LoRA with fixed seeds on held-out prompts, and report the true-reward win rate.
+2. per training seed, self-generate preference pairs from it, labelled by the true reward, and flip a fraction of the
+   labels (``--flip_rates``): by default all the flipped pairs come from one minority annotator who prefers the
+   opposite (``--flip_mode minority``);
+3. train every method of `trl_diffusion.METHODS` on the clean pairs (Diffusion-KTO unpaired: one desirable and one
+   undesirable row per pair, twice the rows per batch), and the noise-robust arms
+   (``--noise_arms``: DPO, Adaptive-DPO and DPO's ``robust``/``conservative`` losses, all at the same β) on every flip
+   rate, with LoRA at one budget (steps × pairs per step); a small β sweep (``--beta_sweep``) repeats DPO and
+   Adaptive-DPO at the clean and the highest flip rate;
+4. generate from the base and from base + LoRA with the same unseen seeds, on the training prompts and on held-out
+   prompts, and report the true-reward win rate; Adaptive-DPO's per-pair minority scores (``minority_scores.csv``)
+   give the AUROC of ``u`` against the known flips;
+5. "reference mismatch": DPO and MaPO fine-tune the full UNet on pairs whose chosen image has a style the base never
+   makes (a white frame), and the win rate is measured on that style.
 
-A second experiment, "reference mismatch", trains DPO and MaPO on pairs whose chosen image has a style the base model
-never makes (a white frame) and reports the win rate on that style.
+Per-step training time of every method is reported relative to DPO's, from the same runs. Every figure is the mean
+over the training seeds with its range and a 95% t-interval; method comparisons are paired by seed (same pairs, same
+evaluation seeds). Results (JSON records, markdown tables) go to ``--output_dir``; with ``--results`` the tables are
+written into that markdown file between markers, replacing an earlier run's.
 
-Results (a JSON list, a markdown table and a PNG plot) go to ``--output_dir``; with ``--results`` the table and plot
-are written into that markdown file between markers, replacing an earlier run's.
+    python benchmarks/efficacy.py --results benchmarks/RESULTS.md   # the full benchmark (~40 min, 1 CPU thread)
+    python benchmarks/efficacy.py --quick                            # a seconds-long smoke run of every stage
 
-    python benchmarks/efficacy.py                 # the full benchmark, about an hour on 2 CPU cores
-    python benchmarks/efficacy.py --quick         # a seconds-long smoke run of the whole pipeline
+A new method is one line: an entry in `trl_diffusion.METHODS` is trained on the clean pairs automatically; give it
+settings in `method_settings` (for example the shared DPO-family β) and name it in ``--noise_arms`` to add it to the
+noise experiment.
 """
 
 import argparse
+import csv
 import json
+import math
 import os
 import platform
 import shlex
 import sys
 import time
+from dataclasses import dataclass, field
 
 import diffusers
 import numpy as np
 import torch
 import transformers
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 
 import trl_diffusion
 from trl_diffusion import METHODS, UnpairedPreferenceDataset
-from trl_diffusion.evaluation import evaluate_preference, saturation_scorer
+from trl_diffusion.evaluation import generate_images, saturation_scorer, summarize
 from trl_diffusion.synthetic import (
     GUIDANCE_SCALE,
     HELD_OUT_COLOURS,
@@ -53,34 +67,87 @@ from trl_diffusion.synthetic import (
 
 
 START, END = "<!-- efficacy:start -->", "<!-- efficacy:end -->"
+RECORDS = "records.jsonl"  # one JSON record per trained arm, appended as each finishes
+EVAL_SEED_OFFSET = 10_000  # evaluation seeds: never used to generate training pairs (those are drawn from 2^31)
+# Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: the normal's 1.96 is within 3%).
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
+
+
+def method_settings(args) -> dict[str, dict]:
+    """Per-method config overrides: the DPO family shares one β. Methods not listed train with their defaults."""
+    return {
+        "dpo": {"beta": args.beta},
+        "adaptive": {"beta": args.beta, "save_minority_scores": True},
+    }
+
+
+@dataclass
+class Arm:
+    """One trained configuration: a method of `METHODS` with config overrides."""
+
+    name: str
+    method: str
+    settings: dict = field(default_factory=dict)
+
+
+def make_arm(spec: str, args) -> Arm:
+    """``method``, ``method:loss_type`` (a DPO-family loss) or either with ``@beta``, e.g. ``dpo:robust@2500``."""
+    name, _, beta = spec.partition("@")
+    method, _, loss_type = name.partition(":")
+    if method not in METHODS:
+        raise ValueError(f"Unknown method {method!r} in arm {spec!r}; expected one of {list(METHODS)}.")
+    settings = dict(method_settings(args).get(method, {}))
+    if loss_type:
+        settings.update(loss_type=loss_type, label_smoothing=args.label_smoothing)
+    if beta:
+        settings["beta"] = float(beta)
+    return Arm(spec, method, settings)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="benchmarks/output/efficacy")
-    parser.add_argument("--results", default=None, help="Markdown file to write the table and plot into.")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--results", default=None, help="Markdown file to write the tables into.")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
     parser.add_argument("--flip_rates", nargs="+", type=float, default=[0.0, 0.2, 0.4])
-    parser.add_argument("--flip_mode", choices=["scattered", "minority"], default="scattered")
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    parser.add_argument("--num_pairs", type=int, default=512)
-    parser.add_argument("--max_steps", type=int, default=200)
+    parser.add_argument("--flip_mode", choices=["scattered", "minority"], default="minority")
+    parser.add_argument("--clean_arms", nargs="*", default=list(METHODS), help="Arms trained on the clean pairs.")
+    parser.add_argument(
+        "--noise_arms",
+        nargs="*",
+        default=["dpo", "adaptive", "dpo:robust", "dpo:conservative"],
+        help="Arms trained at every flip rate above 0.",
+    )
+    parser.add_argument("--beta", type=float, default=1000.0, help="The DPO family's shared β.")
+    parser.add_argument("--beta_sweep", nargs="*", type=float, default=[], help="Extra β for DPO and Adaptive-DPO.")
+    parser.add_argument("--label_smoothing", type=float, default=0.2, help="ε of the robust/conservative losses.")
+    parser.add_argument("--num_pairs", type=int, default=256)
+    parser.add_argument("--max_steps", type=int, default=60)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--pretrain_steps", type=int, default=600)
-    parser.add_argument("--num_eval_seeds", type=int, default=8, help="Evaluation seeds per prompt.")
+    parser.add_argument("--num_eval_seeds", type=int, default=8, help="Seeds per training prompt (×4 held-out).")
     parser.add_argument("--skip_mismatch", action="store_true", help="Skip the reference-mismatch experiment.")
+    parser.add_argument("--mismatch_arms", nargs="+", default=["dpo", "mapo"])
+    parser.add_argument("--mismatch_learning_rate", type=float, default=3e-4, help="Full fine-tuning's lr.")
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run of every stage.")
+    parser.add_argument(
+        "--resume", action="store_true", help=f"Keep the runs already in output_dir/{RECORDS}; train the others."
+    )
+    parser.add_argument(
+        "--summarize", action="store_true", help=f"Only write the tables from the records in output_dir/{RECORDS}."
+    )
     args = parser.parse_args(argv)
     if args.quick:
-        args.flip_rates, args.seeds, args.num_pairs, args.max_steps = [0.0, 0.4], [0], 8, 2
-        args.pretrain_steps, args.num_eval_seeds, args.batch_size = 4, 2, 4
+        args.flip_rates, args.seeds, args.num_pairs, args.max_steps = [0.0, 0.4], [0, 1], 8, 2
+        args.pretrain_steps, args.num_eval_seeds, args.batch_size, args.beta_sweep = 4, 1, 4, []
+        args.noise_arms = ["dpo", "adaptive"]
     return args
 
 
-def train_lora(method: str, base_path: str, dataset, output_dir: str, args, seed: int) -> str:
-    """Train one method with LoRA at the shared budget; return the adapter folder."""
-    trainer_class, config_class = METHODS[method]
+def train(arm: Arm, base_path: str, dataset, output_dir: str, args, seed: int, full: bool = False):
+    """Train one arm at the shared budget (LoRA, or the full UNet with ``full``); return the trainer."""
+    trainer_class, config_class = METHODS[arm.method]
     # An unpaired method (Diffusion-KTO) reads each pair as two rows: twice the rows is the same images per step.
     rows_per_pair = 2 if issubclass(trainer_class.dataset_class, UnpairedPreferenceDataset) else 1
     trainer = trainer_class(
@@ -89,7 +156,7 @@ def train_lora(method: str, base_path: str, dataset, output_dir: str, args, seed
             output_dir=output_dir,
             per_device_train_batch_size=args.batch_size * rows_per_pair,
             max_steps=args.max_steps,
-            learning_rate=args.learning_rate,
+            learning_rate=args.mismatch_learning_rate if full else args.learning_rate,
             resolution=SIZE,
             random_flip=True,
             logging_steps=max(1, args.max_steps // 10),
@@ -98,158 +165,317 @@ def train_lora(method: str, base_path: str, dataset, output_dir: str, args, seed
             report_to="none",
             disable_tqdm=True,
             seed=seed,
+            **arm.settings,
         ),
         train_dataset=dataset,
-        peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
+        peft_config=None if full else LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
     )
+    start = time.perf_counter()
     trainer.train()
+    seconds_per_step = (time.perf_counter() - start) / args.max_steps
     trainer.save_model()
-    return output_dir
+    return trainer, seconds_per_step
 
 
-def evaluate(base: StableDiffusionPipeline, adapter: str, scorer, num_eval_seeds: int) -> dict:
-    """Win rate of base + LoRA over base on the training captions with unseen seeds, and on held-out captions."""
-    record = {}
-    for split, colours in (("", TRAIN_COLOURS), ("heldout_", HELD_OUT_COLOURS)):
-        seeds = list(range(10_000, 10_000 + num_eval_seeds))
-        result = evaluate_preference(
-            base,
-            [caption(c) for c in colours],
-            scorer,
-            lora=adapter,
-            seeds=seeds,
-            num_inference_steps=20,
-            guidance_scale=GUIDANCE_SCALE,
+class Evaluator:
+    """Win rate of a tuned model over the base, with the same unseen seeds, on training and held-out prompts.
+
+    The base images and scores are generated once per split and scorer, and reused for every tuned model.
+    """
+
+    def __init__(self, base: StableDiffusionPipeline, num_eval_seeds: int):
+        self.base = base
+        seeds = list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + num_eval_seeds))
+        held_out = list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + 4 * num_eval_seeds))
+        self.splits = {"": (TRAIN_COLOURS, seeds), "heldout_": (HELD_OUT_COLOURS, held_out)}
+        self._base_scores: dict[tuple, np.ndarray] = {}
+
+    def _scores(self, pipeline, prompts, seeds, scorer) -> np.ndarray:
+        images = generate_images(
+            pipeline, prompts, seeds, batch_size=64, num_inference_steps=20, guidance_scale=GUIDANCE_SCALE
         )
-        record.update(
-            {
-                f"{split}win_rate": result.win_rate,
-                f"{split}score_difference": result.mean_difference,
-                f"{split}ci_low": result.ci_low,
-                f"{split}ci_high": result.ci_high,
-                f"{split}num_images": len(result.rows),
-            }
-        )
+        return np.asarray(scorer(images, [p for p in prompts for _ in seeds]), dtype=np.float64)
+
+    def __call__(self, scorer, lora: str | None = None, unet: str | None = None) -> dict:
+        record = {}
+        for split, (colours, seeds) in self.splits.items():
+            prompts = [caption(c) for c in colours]
+            key = (split, scorer.__name__)
+            if key not in self._base_scores:
+                self._base_scores[key] = self._scores(self.base, prompts, seeds, scorer)
+            if lora is not None:
+                self.base.load_lora_weights(lora, adapter_name="evaluated")
+                try:
+                    tuned = self._scores(self.base, prompts, seeds, scorer)
+                finally:
+                    self.base.delete_adapters("evaluated")
+            else:
+                components = {**self.base.components, "unet": UNet2DConditionModel.from_pretrained(unet)}
+                pipeline = StableDiffusionPipeline(**components)
+                pipeline.set_progress_bar_config(disable=True)
+                tuned = self._scores(pipeline, prompts, seeds, scorer)
+            rate, mean, low, high = summarize(self._base_scores[key], tuned)
+            record.update(
+                {
+                    f"{split}win_rate": rate,
+                    f"{split}score_difference": mean,
+                    f"{split}ci_low": low,
+                    f"{split}ci_high": high,
+                    f"{split}num_images": len(tuned),
+                }
+            )
+        return record
+
+
+def auroc(scores, positives) -> float:
+    """Area under the ROC curve of ``scores`` for the boolean ``positives`` (Mann-Whitney, ties count ½)."""
+    scores, positives = np.asarray(scores, np.float64), np.asarray(positives, bool)
+    pos, neg = scores[positives], scores[~positives]
+    if not len(pos) or not len(neg):
+        return float("nan")
+    greater = (pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()
+    return float(greater / (len(pos) * len(neg)))
+
+
+def minority_auroc(output_dir: str, flipped: list[bool], from_step: int) -> float:
+    """AUROC of each pair's mean ``u`` over the steps ``>= from_step`` against the known flips."""
+    sums, counts = np.zeros(len(flipped)), np.zeros(len(flipped))
+    with open(os.path.join(output_dir, "minority_scores.csv")) as f:
+        for row in csv.DictReader(f):
+            if int(row["global_step"]) >= from_step:
+                sums[int(row["row_index"])] += float(row["minority_score"])
+                counts[int(row["row_index"])] += 1
+    seen = counts > 0
+    return auroc(sums[seen] / counts[seen], np.asarray(flipped)[seen])
+
+
+def record_run(experiment, arm, flip_rate, seed, trainer, seconds_per_step, evaluation, dataset) -> dict:
+    """The run's record, also appended to ``RECORDS`` in the output folder (a partial run can be summarised)."""
+    record = {"experiment": experiment, "arm": arm.name, "method": arm.method, "flip_rate": flip_rate, "seed": seed}
+    record.update(evaluation, seconds_per_step=seconds_per_step, settings=arm.settings)
+    if arm.settings.get("save_minority_scores") and flip_rate > 0:
+        # Every score the loss used: all steps after the warm-up (u = 0 during it).
+        warmup = trainer.args.minority_warmup_steps
+        record["auroc_u"] = minority_auroc(trainer.args.output_dir, dataset["flipped"], warmup)
+    with open(os.path.join(os.path.dirname(trainer.args.output_dir), RECORDS), "a") as f:
+        f.write(json.dumps(record) + "\n")
+    print(json.dumps(record), flush=True)
     return record
+
+
+def stages(args) -> list[tuple[str, float, list[Arm]]]:
+    """``(experiment, flip_rate, arms)`` in the order they run: the targets' core first, so that a run stopped early
+    has every seed of the most important arms (clean pairs, the highest flip rate, mismatch, then the rest)."""
+    clean = [make_arm(spec, args) for spec in args.clean_arms]
+    noise = [make_arm(spec, args) for spec in args.noise_arms]
+    sweep = [make_arm(f"{m}@{beta:g}", args) for beta in args.beta_sweep for m in ("dpo", "adaptive")]
+    noisy_rates = sorted((rate for rate in args.flip_rates if rate > 0), reverse=True)
+    order = [("flips", 0.0, clean)] if 0.0 in args.flip_rates else []
+    order += [("flips", rate, noise) for rate in noisy_rates[:1]]
+    if not args.skip_mismatch:
+        order.append(("mismatch", 0.0, [make_arm(spec, args) for spec in args.mismatch_arms]))
+    order += [("flips", rate, noise) for rate in noisy_rates[1:]]
+    order += [("flips", rate, sweep) for rate in ([0.0] if 0.0 in args.flip_rates else []) + noisy_rates[:1]]
+    return [stage for stage in order if stage[2]]
 
 
 def run(args) -> list[dict]:
     os.makedirs(args.output_dir, exist_ok=True)
-    base_path = pretrain_base_model(os.path.join(args.output_dir, "base-model"), steps=args.pretrain_steps)
+    records_path = os.path.join(args.output_dir, RECORDS)
+    records = []
+    if args.resume and os.path.exists(records_path):
+        with open(records_path) as f:
+            records = [json.loads(line) for line in f]
+    elif os.path.exists(records_path):
+        os.remove(records_path)
+    done = {(r["experiment"], r["arm"], r["flip_rate"], r["seed"]) for r in records}
+    with open(os.path.join(args.output_dir, "command.txt"), "w") as f:
+        f.write("python benchmarks/efficacy.py " + shlex.join([a for a in args.argv if a != "--resume"]))
+    # The VAE also learns framed pictures, for the reference-mismatch experiment (see `pretrain_base_model`).
+    base_path = pretrain_base_model(
+        os.path.join(args.output_dir, "base-model"), steps=args.pretrain_steps, framed_fraction=0.5
+    )
     base = StableDiffusionPipeline.from_pretrained(base_path)
     base.set_progress_bar_config(disable=True)
-    records = []
-    for seed in args.seeds:
-        clean = self_generated_pairs(base, args.num_pairs, seed=seed)
-        for flip_rate in args.flip_rates:
-            dataset = flip_labels(clean, flip_rate, args.flip_mode, seed=seed)
-            for method in args.methods:
-                start = time.time()
-                folder = os.path.join(args.output_dir, f"{method}-flip{flip_rate:g}-seed{seed}")
-                adapter = train_lora(method, base_path, dataset, folder, args, seed)
-                record = {"experiment": "flips", "method": method, "flip_rate": flip_rate, "seed": seed}
-                record.update(evaluate(base, adapter, saturation_scorer, args.num_eval_seeds))
-                record["seconds"] = time.time() - start
-                records.append(record)
-                print(json.dumps(record), flush=True)
-    if not args.skip_mismatch:
+    evaluate = Evaluator(base, args.num_eval_seeds)
+    clean_pairs, mismatch_pairs = {}, {}
+    for experiment, flip_rate, arms in stages(args):
         for seed in args.seeds:
-            dataset = mismatched_pairs(base, args.num_pairs, seed=seed)
-            for method in ("dpo", "mapo"):
-                start = time.time()
-                folder = os.path.join(args.output_dir, f"mismatch-{method}-seed{seed}")
-                adapter = train_lora(method, base_path, dataset, folder, args, seed)
-                record = {"experiment": "mismatch", "method": method, "flip_rate": 0.0, "seed": seed}
-                record.update(evaluate(base, adapter, frame_scorer, args.num_eval_seeds))
-                record["seconds"] = time.time() - start
-                records.append(record)
-                print(json.dumps(record), flush=True)
+            for arm in [arm for arm in arms if (experiment, arm.name, flip_rate, seed) not in done]:
+                name = f"{arm.name.replace(':', '-')}-flip{flip_rate:g}-seed{seed}"
+                if experiment == "mismatch":
+                    if seed not in mismatch_pairs:
+                        mismatch_pairs[seed] = mismatched_pairs(base, args.num_pairs, seed=seed)
+                    dataset, folder = mismatch_pairs[seed], os.path.join(args.output_dir, f"mismatch-{name}")
+                else:
+                    if seed not in clean_pairs:
+                        clean_pairs[seed] = self_generated_pairs(base, args.num_pairs, seed=seed)
+                    dataset = flip_labels(clean_pairs[seed], flip_rate, args.flip_mode, seed=seed)
+                    folder = os.path.join(args.output_dir, name)
+                full = experiment == "mismatch"
+                trainer, seconds = train(arm, base_path, dataset, folder, args, seed, full=full)
+                scorer = frame_scorer if full else saturation_scorer
+                evaluation = evaluate(scorer, unet=folder) if full else evaluate(scorer, lora=folder)
+                records.append(record_run(experiment, arm, flip_rate, seed, trainer, seconds, evaluation, dataset))
     return records
 
 
-def summary_table(records: list[dict]) -> str:
-    """Mean ± standard deviation over seeds of the win rate, per method and flip rate, plus the mismatch runs."""
-    lines = []
+# ----- summaries -----
+
+
+def mean_interval(values) -> tuple[float, float, float, float, float]:
+    """``(mean, min, max, ci_low, ci_high)``: a 95% Student-t interval of the mean over the seeds."""
+    values = np.asarray(values, np.float64)
+    mean = float(values.mean())
+    if len(values) < 2:
+        return mean, mean, mean, float("nan"), float("nan")
+    quantile = T_975[len(values) - 2] if len(values) - 1 <= len(T_975) else 1.96
+    half = quantile * float(values.std(ddof=1)) / math.sqrt(len(values))
+    return mean, float(values.min()), float(values.max()), mean - half, mean + half
+
+
+def fmt(values, percent: bool = True, signed: bool = False) -> str:
+    mean, low, high, ci_low, ci_high = mean_interval(values)
+    if percent:
+        sign = "+" if signed else ""
+        return (
+            f"{100 * mean:{sign}.1f} [{100 * ci_low:{sign}.1f}, {100 * ci_high:{sign}.1f}] "
+            f"(range {100 * low:{sign}.1f}…{100 * high:{sign}.1f})"
+        )
+    return f"{mean:+.4f} [{ci_low:+.4f}, {ci_high:+.4f}] (range {low:+.4f}…{high:+.4f})"
+
+
+def runs(records, experiment, arm, flip_rate=None) -> list[dict]:
+    selected = [r for r in records if r["experiment"] == experiment and r["arm"] == arm]
+    selected = [r for r in selected if flip_rate is None or r["flip_rate"] == flip_rate]
+    return sorted(selected, key=lambda r: r["seed"])
+
+
+def paired(records, experiment, arm_a, arm_b, flip_rate, key) -> list[float]:
+    """Per-seed differences ``a − b`` of ``key``, over the seeds both arms ran."""
+    a = {r["seed"]: r[key] for r in runs(records, experiment, arm_a, flip_rate)}
+    b = {r["seed"]: r[key] for r in runs(records, experiment, arm_b, flip_rate)}
+    return [a[s] - b[s] for s in sorted(a.keys() & b.keys())]
+
+
+def win_rate_tables(records) -> list[str]:
     flips = [r for r in records if r["experiment"] == "flips"]
     rates = sorted({r["flip_rate"] for r in flips})
+    lines = []
     for key, title in (("win_rate", "training prompts, unseen seeds"), ("heldout_win_rate", "held-out prompts")):
-        if not flips:
-            break
-        lines += ["", f"| win rate ({title}) | " + " | ".join(f"{rate:.0%} flipped" for rate in rates) + " |"]
+        lines += ["", f"Win rate (%), {title}: mean [95% CI] (range over seeds)", ""]
+        lines += ["| arm | " + " | ".join(f"{rate:.0%} flipped" for rate in rates) + " |"]
         lines += ["|---|" + "---|" * len(rates)]
-        for method in dict.fromkeys(r["method"] for r in flips):
-            cells = []
-            for rate in rates:
-                wins = [r[key] for r in flips if r["method"] == method and r["flip_rate"] == rate]
-                cells.append(f"{np.mean(wins):.1%} ± {np.std(wins):.1%}" if wins else "—")
-            lines.append(f"| {METHODS[method][0]._name} | " + " | ".join(cells) + " |")
+        for arm in dict.fromkeys(r["arm"] for r in flips):
+            selected = [runs(records, "flips", arm, rate) for rate in rates]
+            cells = [fmt([r[key] for r in rows]) if rows else "—" for rows in selected]
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def comparison_tables(records, args) -> list[str]:
+    flips = [r for r in records if r["experiment"] == "flips"]
+    rates = sorted({r["flip_rate"] for r in flips})
+    lines = ["", "Paired differences in win rate (points), training prompts; same seeds, pairs and evaluation:", ""]
+    lines += ["| comparison | " + " | ".join(f"{rate:.0%} flipped" for rate in rates) + " |"]
+    lines += ["|---|" + "---|" * len(rates)]
+    comparisons = [("adaptive", "dpo"), ("adaptive", "dpo:robust"), ("adaptive", "dpo:conservative")]
+    comparisons += [(f"adaptive@{b:g}", f"dpo@{b:g}") for b in args.beta_sweep]
+    for a, b in comparisons:
+        cells = []
+        for rate in rates:
+            differences = paired(records, "flips", a, b, rate, "win_rate")
+            cells.append(fmt(differences, signed=True) if differences else "—")
+        lines.append(f"| {a} − {b} | " + " | ".join(cells) + " |")
+    adaptive = {rate: runs(records, "flips", "adaptive", rate) for rate in rates}
+    if adaptive.get(0.0):
+        lines += [
+            "",
+            "Adaptive-DPO: gain kept under flips (win rate − 50%, relative to its clean gain, per seed):",
+            "",
+        ]
+        clean = {r["seed"]: r["win_rate"] - 0.5 for r in adaptive[0.0]}
+        for rate in rates[1:]:
+            paired_runs = [r for r in adaptive[rate] if r["seed"] in clean]  # seeds with a clean run too
+            if not paired_runs:
+                continue
+            kept = [r["win_rate"] - 0.5 for r in paired_runs]
+            ratios = [k / clean[r["seed"]] for k, r in zip(kept, paired_runs) if clean[r["seed"]] > 0]
+            ratio_of_means = np.mean(kept) / np.mean([clean[r["seed"]] for r in paired_runs])
+            lines.append(
+                f"- {rate:.0%} flipped: {100 * ratio_of_means:.0f}% of the clean gain (ratio of the means over seeds "
+                f"{[r['seed'] for r in paired_runs]}); per seed {', '.join(f'{100 * x:.0f}%' for x in ratios)}"
+            )
+        aurocs = [(rate, [r["auroc_u"] for r in adaptive[rate] if "auroc_u" in r]) for rate in rates[1:]]
+        lines += [
+            "",
+            "AUROC of Adaptive-DPO's u against the known flips (each pair's mean u over all steps after the warm-up):",
+            "",
+        ]
+        for rate, values in aurocs:
+            if values:
+                lines.append(f"- {rate:.0%} flipped: {fmt(values, percent=False)}")
+    return lines
+
+
+def mismatch_and_speed_tables(records) -> list[str]:
+    lines = []
     mismatch = [r for r in records if r["experiment"] == "mismatch"]
     if mismatch:
-        lines += ["", "| reference mismatch (frame style, training prompts) | win rate | score difference |"]
-        lines += ["|---|---|---|"]
-        for method in dict.fromkeys(r["method"] for r in mismatch):
-            runs = [r for r in mismatch if r["method"] == method]
-            wins, diffs = [r["win_rate"] for r in runs], [r["score_difference"] for r in runs]
+        lines += ["", "Reference mismatch (white frame, full fine-tuning), frame-score win rate (%):", ""]
+        lines += ["| arm | training prompts | held-out prompts | frame-score difference |", "|---|---|---|---|"]
+        for arm in dict.fromkeys(r["arm"] for r in mismatch):
+            selected = runs(records, "mismatch", arm)
             lines.append(
-                f"| {METHODS[method][0]._name} | {np.mean(wins):.1%} ± {np.std(wins):.1%} | "
-                f"{np.mean(diffs):+.3f} ± {np.std(diffs):.3f} |"
+                f"| {arm} | {fmt([r['win_rate'] for r in selected])} | "
+                f"{fmt([r['heldout_win_rate'] for r in selected])} | "
+                f"{fmt([r['score_difference'] for r in selected], percent=False)} |"
             )
-    return "\n".join(lines).strip("\n")
+        differences = paired(records, "mismatch", "mapo", "dpo", 0.0, "win_rate")
+        if differences:
+            lines += ["", f"MaPO − DPO (points, paired): {fmt(differences, signed=True)}"]
+    clean = [r for r in records if r["experiment"] == "flips" and r["flip_rate"] == 0.0]
+    if any(r["arm"] == "dpo" for r in clean):
+        lines += ["", "Seconds per training step relative to DPO's (same seeds, clean pairs, LoRA):", ""]
+        for arm in dict.fromkeys(r["arm"] for r in clean):
+            ratios = [
+                r["seconds_per_step"] / d["seconds_per_step"]
+                for r in runs(records, "flips", arm, 0.0)
+                for d in runs(records, "flips", "dpo", 0.0)
+                if d["seed"] == r["seed"]
+            ]
+            seconds = np.mean([r["seconds_per_step"] for r in runs(records, "flips", arm, 0.0)])
+            lines.append(f"- {arm}: {np.mean(ratios):.2f}× ({seconds:.3f} s/step)")
+    return lines
 
 
-def plot(records: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    flips = [r for r in records if r["experiment"] == "flips"]
-    figure, axis = plt.subplots(figsize=(5, 3.5))
-    for method in dict.fromkeys(r["method"] for r in flips):
-        rates = sorted({r["flip_rate"] for r in flips if r["method"] == method})
-        means = [
-            np.mean([r["win_rate"] for r in flips if r["method"] == method and r["flip_rate"] == x]) for x in rates
-        ]
-        stds = [np.std([r["win_rate"] for r in flips if r["method"] == method and r["flip_rate"] == x]) for x in rates]
-        axis.errorbar(
-            [100 * x for x in rates], means, yerr=stds, marker="o", capsize=3, label=METHODS[method][0]._name
-        )
-    axis.axhline(0.5, color="grey", linestyle=":", label="no change")
-    axis.set_xlabel("labels flipped (%)")
-    axis.set_ylabel("true-reward win rate vs base")
-    axis.set_ylim(0, 1)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def write_results(records: list[dict], args, argv: list[str], elapsed: float) -> str:
-    table = summary_table(records)
-    # Beside the results file (so it can be committed with it), else in the output folder.
-    plot_path = os.path.join(os.path.dirname(args.results) if args.results else args.output_dir, "efficacy.png")
-    plot(records, plot_path)
+def write_results(records: list[dict], args, argv: list[str], elapsed: float | None) -> str:
     with open(os.path.join(args.output_dir, "efficacy.json"), "w") as f:
         json.dump(records, f, indent=1)
     command = "python benchmarks/efficacy.py " + shlex.join(argv)
+    command_file = os.path.join(args.output_dir, "command.txt")
+    if elapsed is None and os.path.exists(command_file):  # summarising: name the run that made the records
+        command = open(command_file).read().strip()
     section = "\n".join(
         [
             START,
             "## Preference efficacy (synthetic task, CPU)",
             "",
             f"Command: `{command.strip()}`  ",
-            f"Device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads); "
+            f"Device: CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} thread); "
             f"torch {torch.__version__}, diffusers {diffusers.__version__}, transformers {transformers.__version__}, "
-            f"trl_diffusion {trl_diffusion.__version__}; {elapsed / 60:.0f} min.  ",
-            f"{args.num_pairs} self-generated pairs, {args.max_steps} LoRA steps of {args.batch_size} pairs, "
-            f"lr {args.learning_rate:g}, each method's default β; flips: {args.flip_mode}; seeds {args.seeds}; "
-            f"evaluation: {len(TRAIN_COLOURS)} training prompts and {len(HELD_OUT_COLOURS)} held-out prompts × "
-            f"{args.num_eval_seeds} unseen seeds. Win rate: fraction of images where base + LoRA has the higher true "
-            "reward than the base with the same prompt and seed (ties ½), mean ± std over training seeds.",
-            "",
-            table,
-            "",
-            f"![win rate against flip rate]({os.path.relpath(plot_path, os.path.dirname(args.results or '.'))})",
+            f"trl_diffusion {trl_diffusion.__version__}; {len(records)} training runs"
+            + (f" in {elapsed / 60:.0f} min.  " if elapsed is not None else f" (summarised from `{RECORDS}`).  "),
+            f"Seeds {sorted({r['seed'] for r in records})}; {args.num_pairs} self-generated pairs per seed; every arm {args.max_steps} steps of "
+            f"{args.batch_size} pairs, lr {args.learning_rate:g} (LoRA r=8); DPO family at β = {args.beta:g} "
+            f"(sweep: {', '.join(f'{b:g}' for b in args.beta_sweep) or 'none'}), robust/conservative "
+            f"ε = {args.label_smoothing:g}, MaPO at its default β; flips: {args.flip_mode}. Evaluation: "
+            f"{len(TRAIN_COLOURS)} training prompts × {args.num_eval_seeds} unseen seeds and {len(HELD_OUT_COLOURS)} "
+            f"held-out prompts × {4 * args.num_eval_seeds} seeds. Win rate: share of images where the tuned model "
+            "has the higher true reward than the base with the same prompt and seed (ties ½).",
+            *win_rate_tables(records),
+            *comparison_tables(records, args),
+            *mismatch_and_speed_tables(records),
             END,
         ]
     )
@@ -267,11 +493,17 @@ def write_results(records: list[dict], args, argv: list[str], elapsed: float) ->
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     args = parse_args(argv)
+    args.argv = argv
     # The tiny model gains nothing from intra-op threads; several of them on a busy 2-core machine slow it down.
     torch.set_num_threads(1)
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    if args.summarize:
+        with open(os.path.join(args.output_dir, RECORDS)) as f:
+            records = [json.loads(line) for line in f]
+        print(write_results(records, args, argv, None))
+        return records
     start = time.time()
     records = run(args)
     print(write_results(records, args, argv, time.time() - start))

@@ -175,19 +175,35 @@ def test_efficacy_benchmark_smoke(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nkept\n")
     records = efficacy.main(["--quick", "--output_dir", str(tmp_path / "out"), "--results", str(results)])
-    assert len(records) == 2 * len(METHODS) + 2  # two flip rates for every method, and the two mismatch runs
-    assert {(r["experiment"], r["method"]) for r in records} >= {
-        ("flips", "adaptive"),
-        ("flips", "kto"),
-        ("mismatch", "mapo"),
-    }
-    assert all(0 <= r["win_rate"] <= 1 for r in records)
+    # Per seed (2): every registered method on clean pairs, the noise arms at 40%, DPO and MaPO under mismatch.
+    clean = [r for r in records if r["experiment"] == "flips" and r["flip_rate"] == 0.0]
+    assert {r["arm"] for r in clean} == set(METHODS)
+    noisy = [r for r in records if r["experiment"] == "flips" and r["flip_rate"] == 0.4]
+    assert sorted(r["arm"] for r in noisy) == ["adaptive", "adaptive", "dpo", "dpo"]
+    assert all("auroc_u" in r for r in noisy if r["arm"] == "adaptive")
+    assert {r["arm"] for r in records if r["experiment"] == "mismatch"} == {"dpo", "mapo"}
+    assert len(records) == 2 * (len(METHODS) + 2 + 2)
+    assert all(0 <= r["win_rate"] <= 1 and r["seconds_per_step"] > 0 for r in records)
+    assert {r["settings"].get("beta") for r in records if r["method"] in ("dpo", "adaptive")} == {1000.0}
     text = results.read_text()
-    assert "kept" in text and "| Diffusion-DPO |" in text and "efficacy.png" in text
-    assert os.path.isfile(tmp_path / "efficacy.png")  # beside the results file
-    assert json.loads((tmp_path / "out" / "efficacy.json").read_text()) == records
+    assert "kept" in text and "| adaptive |" in text and "| adaptive − dpo |" in text and "MaPO − DPO" in text
+    # Text, not values: an AUROC is NaN when the two quick steps leave no scored flipped pair (NaN != NaN).
+    assert (tmp_path / "out" / "efficacy.json").read_text() == json.dumps(records, indent=1)
     efficacy.main(["--quick", "--output_dir", str(tmp_path / "out"), "--results", str(results)])
     assert results.read_text().count("<!-- efficacy:start -->") == 1  # a rerun replaces its section
+
+
+def test_efficacy_statistics_on_known_values():
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import efficacy
+
+    assert efficacy.auroc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert efficacy.auroc([0.1, 0.5, 0.5, 0.9], [True, True, False, False]) == 0.5 / 4  # one tie in four pairs
+    mean, low, high, ci_low, ci_high = efficacy.mean_interval([0.6, 0.7, 0.8, 0.9, 1.0])
+    half = 2.776 * np.std([0.6, 0.7, 0.8, 0.9, 1.0], ddof=1) / np.sqrt(5)  # t(0.975, 4 degrees of freedom)
+    assert (mean, low, high) == pytest.approx((0.8, 0.6, 1.0)) and (ci_low, ci_high) == pytest.approx(
+        (0.8 - half, 0.8 + half)
+    )
 
 
 # ----- video -----

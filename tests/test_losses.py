@@ -3,13 +3,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from diffusers.training_utils import EMAModel
 
 from trl_diffusion.losses import (
     adaptive_dpo_loss,
+    annotator_ema_decay,
     diffusion_dpo_loss,
     diffusion_kto_loss,
     mapo_loss,
     mapo_score,
+    minority_score_terms,
     minority_scores,
     preference_accuracy,
 )
@@ -155,6 +158,40 @@ def test_minority_scores_single_annotator_and_prior():
     torch.testing.assert_close(minority_scores(margins, rho=2.0, prior_confidence=prior), 1 - prior * torch.sigmoid(z))
 
 
+def test_minority_scores_single_annotator_raw_margins_as_the_authors_code():
+    """The authors' policy-only path: ``u = |sigma(rho * l) - 1|`` on the raw margins, rho = their 1e4 default."""
+    margins = torch.tensor([[2e-4, -1e-4, 0.0, 5e-5]])
+    expected = [abs(_sigmoid(1e4 * m) - 1) for m in margins[0].tolist()]
+    torch.testing.assert_close(minority_scores(margins, rho=1e4, normalize=False), torch.tensor(expected))
+
+
+def test_minority_score_terms_log_stability_norms_and_warmup():
+    margins = torch.tensor([[0.3, -0.2, 0.1], [0.1, 0.4, -0.3], [1e-9, -1e-9, 0.0]])
+    terms = minority_score_terms(margins, rho=15.0)
+    z = 15.0 * margins / margins.norm(dim=1, keepdim=True)
+    torch.testing.assert_close(terms["stability"], z.std(0).clamp(max=1))
+    torch.testing.assert_close(terms["confidence"], torch.sigmoid(z).mean(0))
+    torch.testing.assert_close(terms["margin_norms"], torch.tensor([0.14**0.5, 0.26**0.5, 2**0.5 * 1e-9]))
+    torch.testing.assert_close(terms["u"], minority_scores(margins, rho=15.0))
+    warm = minority_score_terms(margins, rho=15.0, warmup=True)
+    assert warm["u"].tolist() == [0.0, 0.0, 0.0]
+    torch.testing.assert_close(warm["stability"], terms["stability"])  # still reported during warm-up
+    assert "stability" not in minority_score_terms(margins[:1])
+
+
+def test_annotator_ema_decay_is_diffusers_ema_schedule():
+    """Update 1 copies the policy; update s + 1 uses min(d, (1 + s)/(10 + s)); as EMAModel.get_decay."""
+    assert annotator_ema_decay(0.9999, 1) == 0.0
+    assert annotator_ema_decay(0.9999, 2) == 2 / 11
+    assert annotator_ema_decay(0.9999, 101) == 101 / 110
+    assert annotator_ema_decay(0.5, 9) == 0.5 and annotator_ema_decay(0.5, 8) == 8 / 17
+    for decay in (0.5, 0.9, 0.9999):
+        ema = EMAModel([torch.nn.Parameter(torch.zeros(1))], decay=decay)
+        assert [annotator_ema_decay(decay, n) for n in range(1, 300)] == [ema.get_decay(n) for n in range(1, 300)]
+    with pytest.raises(ValueError, match="from 1"):
+        annotator_ema_decay(0.5, 0)
+
+
 def test_minority_scores_finite_on_zero_margins():
     assert torch.isfinite(minority_scores(torch.zeros(3, 4))).all()
 
@@ -179,6 +216,19 @@ def test_adaptive_dpo_loss_matches_formula(weight_type, margin_type):
     loss.backward()
     expected_grad = -w * beta * (1 - torch.sigmoid(beta * margins.detach() - gamma)) / 4
     torch.testing.assert_close(margins.grad, expected_grad)
+    assert metrics["adaptive/flipped_fraction"].tolist() == [0.0] * 4
+
+
+def test_adaptive_dpo_loss_flips_pairs_above_the_threshold():
+    """``flip_threshold``: pairs with u above it count with ``-l``, in the loss and in the margin's mean (gamma)."""
+    beta = 100.0
+    margins = torch.tensor(_margins())
+    u = torch.tensor([0.0, 0.6, 0.7, 0.1])
+    flipped = torch.tensor([1.0, -1.0, -1.0, 1.0]) * margins
+    loss, metrics = adaptive_dpo_loss(margins, u, beta=beta, flip_threshold=0.5)
+    expected, _ = adaptive_dpo_loss(flipped, u, beta=beta)
+    torch.testing.assert_close(loss, expected)
+    assert metrics["adaptive/flipped_fraction"].tolist() == [0.0, 1.0, 1.0, 0.0]
 
 
 # ----- guards against collapse (Diffusion-DPO) -----

@@ -7,8 +7,10 @@ import torch
 from conftest import make_pickapic
 from datasets import Dataset
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from diffusers.training_utils import EMAModel
 from huggingface_hub import ModelCard
 from peft import LoraConfig
+from transformers import TrainerCallback
 
 from trl_diffusion import (
     METHODS,
@@ -83,26 +85,29 @@ def test_full_finetune_trains_denoiser_and_keeps_reference_frozen(tiny_sd, tmp_p
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tiny_sd, tmp_path):
-    # Uncached path: Adam's first update is ±lr for any non-zero gradient, so this weight comparison is sensitive to
-    # float noise in near-zero gradient entries. The cached path is checked on gradients in tests/test_speed.py.
-    uncached = {"precompute_encodings": False}
-    big = make_trainer("dpo", tiny_sd, tmp_path / "big", per_device_train_batch_size=4, max_steps=2, **uncached)
+    """Batch 4 and batch 2 x accumulation 2 make the same SGD updates (uncached path; cached: tests/test_speed.py).
+
+    Plain SGD with a constant learning rate: each update is ``-lr * gradient``, so the weights differ only by the
+    summation-order rounding of the two batchings (~1e-7 relative), on any CPU. Adam's first update is ``±lr`` for any
+    non-zero gradient entry, so that rounding could flip the sign of near-zero entries (1 in 128 on an AMD EPYC).
+    """
+    common = {"precompute_encodings": False, "optim": "sgd", "lr_scheduler_type": "constant", "max_steps": 2}
+    big = make_trainer("dpo", tiny_sd, tmp_path / "big", per_device_train_batch_size=4, **common)
+    initial = _lora_state(big)
     big.train()
     accumulated = make_trainer(
-        "dpo",
-        tiny_sd,
-        tmp_path / "acc",
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=2,
-        max_steps=2,
-        **uncached,
+        "dpo", tiny_sd, tmp_path / "acc", per_device_train_batch_size=2, gradient_accumulation_steps=2, **common
     )
     accumulated.train()
-    big_state, acc_state = _snapshot(big.model), _snapshot(accumulated.model)
-    lora_keys = [k for k in big_state if "lora_" in k]
-    for key in lora_keys:
-        # Summation order differs between one batch of 4 and two of 2; a wrong scaling would differ by ~lr = 1e-2.
-        torch.testing.assert_close(big_state[key], acc_state[key], rtol=1e-3, atol=1e-4)
+    big_state, acc_state = _lora_state(big), _lora_state(accumulated)
+    assert big_state.keys() == initial.keys() and initial
+    largest = max((big_state[k] - initial[k]).abs().max() for k in initial)
+    assert largest > 1e-4  # the two steps moved the adapters
+    for key in initial:
+        # A wrong accumulation scaling (a sum instead of a mean) would double the updates.
+        torch.testing.assert_close(
+            acc_state[key] - initial[key], big_state[key] - initial[key], rtol=1e-3, atol=1e-3 * largest
+        )
     first = [h["loss"] for h in big.state.log_history if "loss" in h][0]
     first_acc = [h["loss"] for h in accumulated.state.log_history if "loss" in h][0]
     assert first == pytest.approx(first_acc, rel=1e-4)
@@ -170,6 +175,10 @@ def test_resume_from_checkpoint_reaches_the_same_weights(method, tiny_sd, tmp_pa
     resumed = make_trainer(method, tiny_sd, tmp_path / "resumed", **common)
     resumed.train(resume_from_checkpoint=str(tmp_path / "full" / "checkpoint-2"))
     expected, actual = _lora_state(full), _lora_state(resumed)
+    assert expected.keys() == actual.keys()
+    if method == "adaptive":  # the EMA annotators and their update count come back with the checkpoint
+        assert any(".ema_1." in key for key in expected)
+        assert resumed.annotator_updates == full.annotator_updates == 4
     for key in expected:
         torch.testing.assert_close(actual[key], expected[key], rtol=1e-5, atol=1e-7)
     assert os.path.isfile(tmp_path / "full" / "checkpoint-2" / "pytorch_lora_weights.safetensors")
@@ -286,30 +295,82 @@ def test_adaptive_dpo_gives_flipped_pairs_a_higher_minority_score(tiny_sd, tmp_p
     assert sum(flipped_u) / len(flipped_u) > sum(clean_u) / len(clean_u) + 0.1
 
 
-def test_adaptive_dpo_lora_annotators_are_adapters_updated_by_ema(tiny_sd, tmp_path):
+class _DiffusersEMAAlongside(TrainerCallback):
+    """Steps a real diffusers ``EMAModel`` per decay on the policy's trainable parameters after every optimizer step."""
+
+    def __init__(self, parameters, decays):
+        self.parameters = list(parameters)
+        self.emas = [EMAModel(self.parameters, decay=decay) for decay in decays]
+
+    def on_step_end(self, args, state, control, **kwargs):
+        for ema in self.emas:
+            ema.step(self.parameters)
+
+
+def test_adaptive_dpo_lora_annotators_match_diffusers_ema_model(tiny_sd, tmp_path):
+    """The annotators are LoRA adapters (no copy of the network) on the authors' schedule: diffusers ``EMAModel``
+    with its defaults, stepped alongside on the same parameters, holds the same weights after every step."""
     before = _live_unets()
-    trainer = make_trainer("adaptive", tiny_sd, tmp_path, max_steps=1, annotator_ema_decays=[0.5, 0.9999])
-    assert len(_live_unets() - before) == 1  # no copy of the network
+    decays = [0.5, 0.9999]
+    # 12 steps: the 0.5 annotator reaches its cap at update 9, the 0.9999 one follows (1 + s)/(10 + s) throughout.
+    trainer = make_trainer("adaptive", tiny_sd, tmp_path, max_steps=12, annotator_ema_decays=decays)
+    assert len(_live_unets() - before) == 1
     assert set(trainer.model.peft_config) == {"default", "ema_0", "ema_1"}
-    initial = {k: v for k, v in _snapshot(trainer.model).items() if ".default." in k}
+    names = [n for n, p in trainer.model.named_parameters() if ".default." in n and p.requires_grad]
+    named = dict(trainer.model.named_parameters())
+    reference = _DiffusersEMAAlongside([named[n] for n in names], decays)
+    trainer.add_callback(reference)
     trainer.train()
-    state = _snapshot(trainer.model)
-    for key, start in initial.items():
-        policy = state[key]
-        torch.testing.assert_close(state[key.replace(".default.", ".ema_0.")], 0.5 * start + 0.5 * policy)
-        torch.testing.assert_close(state[key.replace(".default.", ".ema_1.")], 0.9999 * start + 0.0001 * policy)
-    assert not any(p.requires_grad for n, p in trainer.model.named_parameters() if ".ema_" in n)
+    assert trainer.annotator_updates == 12
+    for i, ema in enumerate(reference.emas):
+        assert ema.optimization_step == 12
+        for name, expected in zip(names, ema.shadow_params, strict=True):
+            annotator = named[name.replace(".default.", f".ema_{i}.")]
+            torch.testing.assert_close(annotator, expected, rtol=1e-6, atol=1e-8)
+            assert not annotator.requires_grad
+    # The trailing 0.9999 annotator is neither the policy nor the reference (LoRA's B starts at zero).
+    b_name = next(n for n in names if "lora_B" in n)
+    slow = named[b_name.replace(".default.", ".ema_1.")]
+    assert slow.abs().max() > 0 and not torch.equal(slow, named[b_name])
+
+
+def test_adaptive_dpo_logs_stability_and_each_annotators_margin_norm(tiny_sd, tmp_path):
+    trainer = make_trainer("adaptive", tiny_sd, tmp_path, max_steps=4, logging_steps=4)
+    trainer.train()
+    logs = trainer.state.log_history[0]
+    for key in ("adaptive/stability_mean", "adaptive/confidence_mean", "adaptive/u_mean"):
+        assert 0 <= logs[key] <= 1, key
+    norms = [logs[f"adaptive/margin_norm/{name}"] for name in ("policy", "ema_0", "ema_1")]
+    assert all(norm > 0 for norm in norms), norms
+
+
+def test_adaptive_dpo_policy_alone_scores_raw_margins_from_the_first_step(tiny_sd, tmp_path):
+    """No EMA annotators: as in the authors' code, raw margins (rho = 1e4), no warm-up, no stability term."""
+    trainer = make_trainer(
+        "adaptive", tiny_sd, tmp_path, max_steps=2, annotator_ema_decays=[], save_minority_scores=True
+    )
+    assert trainer.args.normalize_margins is False and trainer.args.rho == 1e4
+    trainer.train()
+    with open(tmp_path / "minority_scores.csv") as f:
+        first = [float(row["minority_score"]) for row in csv.DictReader(f) if row["global_step"] == "0"]
+    # At step 0 the policy is the reference (LoRA's B starts at zero): l = 0, so u = 1 - sigma(0), not the warm-up's 0.
+    assert first == [0.5, 0.5]
+    logs = trainer.state.log_history[1]
+    assert "adaptive/stability_mean" not in logs and logs["adaptive/margin_norm/policy"] > 0
+    with_ema = make_trainer("adaptive", tiny_sd, tmp_path / "ema", max_steps=1)
+    assert with_ema.args.normalize_margins is True and with_ema.args.rho == 15.0
 
 
 def test_adaptive_dpo_full_finetune_keeps_ema_copies(tiny_sd, tmp_path):
-    trainer = make_trainer("adaptive", tiny_sd, tmp_path, peft=False, max_steps=1, annotator_ema_decays=[0.5])
-    initial = _snapshot(trainer.model)
+    trainer = make_trainer("adaptive", tiny_sd, tmp_path, peft=False, max_steps=3, annotator_ema_decays=[0.5])
+    reference = _DiffusersEMAAlongside(trainer.model.parameters(), [0.5])
+    trainer.add_callback(reference)
     trainer.train()
-    trained, annotator = _snapshot(trainer.model), _snapshot(trainer.ema_annotators[0])
     assert trainer.ref_model is not None and len(trainer.ema_annotators) == 1
-    for key, start in initial.items():
-        if start.is_floating_point():
-            torch.testing.assert_close(annotator[key], 0.5 * start + 0.5 * trained[key])
+    annotator = list(trainer.ema_annotators[0].parameters())
+    assert len(annotator) == len(reference.emas[0].shadow_params)
+    for actual, expected in zip(annotator, reference.emas[0].shadow_params, strict=True):
+        torch.testing.assert_close(actual, expected, rtol=1e-6, atol=1e-8)
 
 
 def test_config_booleans_and_lists_parse_from_the_command_line(tmp_path):

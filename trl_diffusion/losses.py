@@ -261,13 +261,34 @@ def mapo_loss(
     return loss, metrics
 
 
-def minority_scores(
+def annotator_ema_decay(decay: float, num_updates: int) -> float:
+    r"""The decay of an Adaptive-DPO EMA annotator at its ``num_updates``-th update (1-based), as the authors run it.
+
+    The authors' annotators are diffusers ``EMAModel``\ s with its defaults (no ``update_after_step``, no
+    ``use_ema_warmup``, ``min_decay = 0``). ``EMAModel.get_decay`` then gives, with ``s = num_updates - 1``:
+
+    - ``s = 0`` (the first update after an optimizer step): ``0``, so the annotator becomes a copy of the policy;
+    - ``s >= 1``: ``min(decay, (1 + s) / (10 + s))``.
+
+    So the ``0.9999`` annotator is a trailing average of the policy that lags behind it by a share of the run, never a
+    frozen copy of the initial weights.
+    """
+    if num_updates < 1:
+        raise ValueError(f"num_updates counts updates from 1, got {num_updates}.")
+    step = num_updates - 1
+    if step == 0:
+        return 0.0
+    return min(decay, (1 + step) / (10 + step))
+
+
+def minority_score_terms(
     annotator_margins: torch.Tensor,
     rho: float = 15.0,
     normalize: bool = True,
     prior_confidence: torch.Tensor | None = None,
-) -> torch.Tensor:
-    r"""Adaptive-DPO's per-pair minority score ``u`` (arXiv 2503.16921, as in the authors' released code).
+    warmup: bool = False,
+) -> dict[str, torch.Tensor]:
+    r"""Adaptive-DPO's per-pair minority score ``u`` and its two factors (arXiv 2503.16921, the authors' code).
 
     ``annotator_margins`` has shape ``(M, B)``: the implicit reward margin of each pair as judged by ``M``
     annotators (the policy and EMA copies of it). With ``normalize``, each row is divided by its L2 norm over the
@@ -275,23 +296,44 @@ def minority_scores(
 
     - ``M > 1``: ``u = |mean_m sigma(z) - 1| * min(std_m(z), 1)``, intra-annotator confidence times inter-annotator
       instability (``std`` is torch's default, unbiased, over the annotator dimension);
-    - ``M == 1``: ``u = 1 - sigma(z)``.
+    - ``M == 1``: ``u = 1 - sigma(z)``. The authors' code never normalises here: it scales the raw margins.
 
     A pair the annotators agree the model prefers gets ``u`` near 0; one they find dispreferred, or disagree on, gets
     a larger ``u``. An optional ``(B,)`` ``prior_confidence`` in ``[0, 1]`` (for example the agreement rate of several
-    human annotators) multiplies into the confidence ``mean_m sigma(z)`` (beyond the paper). The result is detached.
+    human annotators) multiplies into the confidence ``mean_m sigma(z)`` (beyond the paper). With ``warmup`` (the
+    first optimizer steps, while the EMA annotators settle) ``u = 0``, so the loss is plain DPO with its margin.
+
+    Returns:
+        Detached ``(B,)`` tensors: ``u``, ``confidence`` and (``M > 1`` only) ``stability``, the clamped
+        ``std_m(z)``; and ``margin_norms``, shape ``(M,)``, the L2 norm of each annotator's raw margins over the
+        batch (a dead annotator, one whose margins are rounding noise, shows as a norm near 0).
     """
     margins = annotator_margins.detach().float()
+    norms = margins.norm(dim=1)
     if normalize:
-        margins = margins / margins.norm(dim=1, keepdim=True).clamp_min(torch.finfo(margins.dtype).tiny)
+        margins = margins / norms.clamp_min(torch.finfo(margins.dtype).tiny)[:, None]
     z = rho * margins
     confidence = torch.sigmoid(z).mean(dim=0)
     if prior_confidence is not None:
         confidence = confidence * prior_confidence.to(confidence)
+    terms = {"confidence": confidence, "margin_norms": norms}
     if z.shape[0] == 1:
-        return 1 - confidence
-    stability = z.std(dim=0).clamp(max=1.0)
-    return (confidence - 1).abs() * stability
+        u = 1 - confidence
+    else:
+        terms["stability"] = z.std(dim=0).clamp(max=1.0)
+        u = (confidence - 1).abs() * terms["stability"]
+    terms["u"] = torch.zeros_like(u) if warmup else u
+    return terms
+
+
+def minority_scores(
+    annotator_margins: torch.Tensor,
+    rho: float = 15.0,
+    normalize: bool = True,
+    prior_confidence: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Adaptive-DPO's per-pair minority score ``u``, detached: the ``u`` of [`minority_score_terms`]."""
+    return minority_score_terms(annotator_margins, rho, normalize, prior_confidence)["u"]
 
 
 def adaptive_dpo_loss(
@@ -302,11 +344,14 @@ def adaptive_dpo_loss(
     k: float = 10.0,
     c: float = 1.0,
     margin_type: str = "quadratic",
+    flip_threshold: float | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Minority-aware Adaptive-DPO loss (arXiv 2503.16921, as in the authors' released code).
 
     With the policy's implicit reward margins ``l`` and minority scores ``u`` (see [`minority_scores`]):
 
+    - with ``flip_threshold`` (beyond the paper's loss, as the authors' ``flip_un_label``): pairs with
+      ``u > flip_threshold`` are treated as mislabelled, ``l <- -l``;
     - weight ``w = 1 / (k u + c)`` (``linear``) or ``w = 1 / (k u^2 + c)`` (``quadratic``);
     - adaptive margin ``gamma = -u^2 / beta + mean(l)`` (``quadratic``), ``-u / beta + mean(l)`` (``linear``) or
       ``0`` (``none``);
@@ -315,10 +360,15 @@ def adaptive_dpo_loss(
     ``u``, ``w`` and ``mean(l)`` are detached: they reweight the gradient of each pair without being trained.
 
     Returns:
-        ``(loss, metrics)`` with per-pair ``adaptive/u_mean``, ``adaptive/weight_mean``, ``adaptive/gamma_mean`` and
-        ``adaptive/minority_fraction`` (``u > 0.5``); the names are those logged after averaging over pairs.
+        ``(loss, metrics)`` with per-pair ``adaptive/u_mean``, ``adaptive/weight_mean``, ``adaptive/gamma_mean``,
+        ``adaptive/minority_fraction`` (``u > 0.5``) and ``adaptive/flipped_fraction``; the names are those logged
+        after averaging over pairs.
     """
     u = u.detach()
+    flipped = torch.zeros_like(u, dtype=torch.bool)
+    if flip_threshold is not None:
+        flipped = u > flip_threshold
+        policy_margins = torch.where(flipped, -policy_margins, policy_margins)
     if weight_type == "linear":
         weights = 1 / (k * u + c)
     elif weight_type == "quadratic":
@@ -339,5 +389,6 @@ def adaptive_dpo_loss(
         "adaptive/weight_mean": weights,
         "adaptive/gamma_mean": gamma,
         "adaptive/minority_fraction": (u > 0.5).float(),
+        "adaptive/flipped_fraction": flipped.float(),
     }
     return losses.mean(), metrics

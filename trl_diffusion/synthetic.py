@@ -177,20 +177,30 @@ def _to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
 
 
-def _fingerprint(steps: int, batch_size: int, seed: int) -> dict:
-    return {"task_version": TASK_VERSION, "steps": steps, "batch_size": batch_size, "seed": seed}
+def _fingerprint(steps: int, batch_size: int, seed: int, framed_fraction: float) -> dict:
+    return {
+        "task_version": TASK_VERSION,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "framed_fraction": framed_fraction,
+    }
 
 
-def pretrain_base_model(path: str, steps: int = 600, batch_size: int = 32, seed: int = 0) -> str:
+def pretrain_base_model(
+    path: str, steps: int = 600, batch_size: int = 32, seed: int = 0, framed_fraction: float = 0.0
+) -> str:
     """Build a tiny SD pipeline at ``path`` and pre-train it on captioned pictures from `render_squares`.
 
     The VAE is trained first to reconstruct pictures (``2 * steps // 3`` steps), then the UNet to denoise their latents
-    conditioned on the captions (``steps`` steps, 10% of captions dropped for classifier-free guidance). A model
-    already at ``path`` is reused only if it was pre-trained with the same ``steps``, ``batch_size``, ``seed`` and
-    task version (recorded in ``path/.pretrained``); otherwise it is rebuilt. Returns ``path``.
+    conditioned on the captions (``steps`` steps, 10% of captions dropped for classifier-free guidance). With
+    ``framed_fraction`` > 0 that share of the VAE's (never the UNet's) pictures carry the white frame of `add_frame`,
+    so the reference-mismatch style survives encoding (without them the frame is lost in latent space and no method
+    can learn it). A model already at ``path`` is reused only if it was pre-trained with the same arguments and task
+    version (recorded in ``path/.pretrained``); otherwise it is rebuilt. Returns ``path``.
     """
     marker = os.path.join(path, ".pretrained")
-    fingerprint = _fingerprint(steps, batch_size, seed)
+    fingerprint = _fingerprint(steps, batch_size, seed, framed_fraction)
     if os.path.isfile(marker) and os.path.isfile(os.path.join(path, "model_index.json")):
         with open(marker) as f:
             recorded = f.read().strip()
@@ -201,7 +211,7 @@ def pretrain_base_model(path: str, steps: int = 600, batch_size: int = 32, seed:
     pipeline = StableDiffusionPipeline.from_pretrained(path)
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
-    _pretrain_vae(pipeline, 2 * steps // 3, batch_size, rng)
+    _pretrain_vae(pipeline, 2 * steps // 3, batch_size, rng, framed_fraction)
     _pretrain_unet(pipeline, steps, batch_size, rng)
     pipeline.save_pretrained(path)
     with open(marker, "w") as f:
@@ -209,7 +219,9 @@ def pretrain_base_model(path: str, steps: int = 600, batch_size: int = 32, seed:
     return path
 
 
-def _pretrain_vae(pipeline: StableDiffusionPipeline, steps: int, batch_size: int, rng: np.random.Generator) -> None:
+def _pretrain_vae(
+    pipeline: StableDiffusionPipeline, steps: int, batch_size: int, rng: np.random.Generator, framed_fraction: float
+) -> None:
     """Train the VAE to reconstruct pictures, then set its latent scaling factor to ``1 / std`` of the latents.
 
     It trains as a plain autoencoder on the posterior's mode (which is what the trainers and the pre-training of the
@@ -220,7 +232,11 @@ def _pretrain_vae(pipeline: StableDiffusionPipeline, steps: int, batch_size: int
     vae, names = pipeline.vae, list(HUES)
     optimizer = torch.optim.AdamW(vae.parameters(), lr=4e-3)
     for _ in range(steps):
-        pixels = _to_tensor(render_squares(list(rng.choice(names, batch_size)), rng))
+        images = render_squares(list(rng.choice(names, batch_size)), rng)
+        if framed_fraction > 0:
+            framed = rng.random(batch_size) < framed_fraction
+            images[framed] = add_frame(images[framed])
+        pixels = _to_tensor(images)
         posterior = vae.encode(pixels).latent_dist
         reconstruction = vae.decode(posterior.mode()).sample
         chroma_error = F.mse_loss(

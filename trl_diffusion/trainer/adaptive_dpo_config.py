@@ -14,16 +14,22 @@ class AdaptiveDPOConfig(DiffusionPreferenceConfig):
     Parameters:
         beta (`float`, *optional*, defaults to `1000.0`):
             KL-regularisation strength, on the same scale as [`DiffusionDPOConfig.beta`] (the authors' setting).
-        rho (`float`, *optional*, defaults to `15.0`):
-            Scale ρ of the (normalised) annotator margins inside the minority score.
-        normalize_margins (`bool`, *optional*, defaults to `True`):
-            Divide each annotator's margins by their L2 norm over the batch before scaling by ρ.
+        rho (`float`, *optional*):
+            Scale ρ of the annotator margins inside the minority score. Defaults to `15` with normalised margins (the
+            authors' setting with EMA annotators) and `1e4` with raw ones (their `logits_rho` default, which their
+            policy-only path uses).
+        normalize_margins (`bool`, *optional*):
+            Divide each annotator's margins by their L2 norm over the batch before scaling by ρ. Defaults to the
+            authors' choice: on with EMA annotators, off (raw margins) when the policy judges alone.
         annotator_ema_decays (`list[float]`, *optional*, defaults to `[0.5, 0.9999]`):
-            Decays of the EMA copies of the policy that judge each pair beside the policy itself. With LoRA each is
-            an extra adapter on the same network (one no-grad forward each, almost no memory); with full fine-tuning
-            each is a full copy of the denoiser. Empty: the policy alone judges, and `u = 1 − σ(ρ·ℓ̂)`.
+            Decays `d` of the EMA copies of the policy that judge each pair beside the policy itself, on the
+            authors' schedule (diffusers `EMAModel`'s defaults): the first update after an optimizer step copies the
+            policy, update `s + 1` (`s ≥ 1`) uses decay `min(d, (1 + s)/(10 + s))`. With LoRA each is an extra
+            adapter on the same network (one no-grad forward each, almost no memory); with full fine-tuning each is a
+            full copy of the denoiser. Empty: the policy alone judges, and `u = 1 − σ(ρ·ℓ)`.
         minority_warmup_steps (`int`, *optional*, defaults to `2`):
-            Optimizer steps during which `u = 0` (plain DPO), while the EMA annotators settle.
+            Optimizer steps during which `u = 0` (plain DPO), while the EMA annotators settle. Only with EMA
+            annotators: the policy alone scores pairs from the first step, as in the authors' code.
         weight_type (`str`, *optional*, defaults to `"linear"`):
             Pair weight `w = 1/(k·u + c)` (`"linear"`) or `1/(k·u² + c)` (`"quadratic"`).
         weight_scale (`float`, *optional*, defaults to `10.0`):
@@ -43,13 +49,19 @@ class AdaptiveDPOConfig(DiffusionPreferenceConfig):
     """
 
     beta: float = field(default=1000.0, metadata={"help": "KL strength, on the Diffusion-DPO scale."})
-    rho: float = field(default=15.0, metadata={"help": "Scale of the normalised annotator margins."})
-    normalize_margins: bool = field(
-        default=True, metadata={"help": "L2-normalise each annotator's margins over the batch."}
+    rho: float | None = field(
+        default=None,
+        metadata={"help": "Scale of the annotator margins; default 15 (normalised margins) or 1e4 (raw margins)."},
+    )
+    normalize_margins: bool | None = field(
+        default=None,
+        metadata={"help": "L2-normalise each annotator's margins over the batch; default: only with EMA annotators."},
     )
     annotator_ema_decays: list[float] = field(
         default_factory=lambda: [0.5, 0.9999],
-        metadata={"help": "Decays of the EMA annotators; empty means the policy alone judges."},
+        metadata={
+            "help": "Decays of the EMA annotators (diffusers EMAModel schedule); empty: the policy judges alone."
+        },
     )
     minority_warmup_steps: int = field(
         default=2, metadata={"help": "Optimizer steps with u = 0 while the annotators settle."}
@@ -80,6 +92,12 @@ class AdaptiveDPOConfig(DiffusionPreferenceConfig):
             raise ValueError(f"beta must be positive, got {self.beta}.")
         if any(not 0.0 <= decay < 1.0 for decay in self.annotator_ema_decays):
             raise ValueError(f"annotator_ema_decays must lie in [0, 1), got {self.annotator_ema_decays}.")
+        if self.normalize_margins is None:
+            self.normalize_margins = bool(self.annotator_ema_decays)
+        if self.rho is None:
+            self.rho = 15.0 if self.normalize_margins else 1e4
+        if self.rho <= 0:
+            raise ValueError(f"rho must be positive, got {self.rho}.")
         if self.weight_type not in ("linear", "quadratic"):
             raise ValueError(f"weight_type must be 'linear' or 'quadratic', got {self.weight_type!r}.")
         if self.margin_type not in ("quadratic", "linear", "none"):

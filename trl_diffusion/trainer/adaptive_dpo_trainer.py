@@ -4,9 +4,16 @@ import textwrap
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainerState
+from transformers.utils import logging
 
-from ..losses import adaptive_dpo_loss, dpo_reward_metrics, implicit_reward_margin, minority_scores
+from ..losses import (
+    adaptive_dpo_loss,
+    annotator_ema_decay,
+    dpo_reward_metrics,
+    implicit_reward_margin,
+    minority_score_terms,
+)
 from .adaptive_dpo_config import AdaptiveDPOConfig
 from .base_trainer import DiffusionPreferenceTrainer
 from .distributed import gathered_parameters, prepare_frozen_model
@@ -14,6 +21,9 @@ from .distributed import gathered_parameters, prepare_frozen_model
 
 ANNOTATORS_FILE = "ema_annotators.safetensors"
 MINORITY_SCORES_FILE = "minority_scores.csv"
+NUM_UPDATES_KEY = "num_updates"
+
+logger = logging.get_logger(__name__)
 
 
 class _AnnotatorEMACallback(TrainerCallback):
@@ -45,9 +55,11 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
     score ``u`` per pair (see [`minority_scores`]), and the loss
     ``L = −mean(w·log σ(β·ℓ − γ))`` down-weights pairs with a high ``u`` (see [`adaptive_dpo_loss`]).
 
-    With LoRA each EMA annotator is an extra adapter on the same network, updated after every optimizer step: one
-    no-grad forward each and almost no memory. With full fine-tuning each is a full copy of the denoiser in float32
-    (4 bytes per parameter each: 3.4 GB per annotator for an SD1.5 UNet).
+    The EMA annotators follow the authors' schedule (diffusers `EMAModel`, see [`annotator_ema_decay`]): the first
+    update after an optimizer step makes each a copy of the policy, later ones average with decay
+    ``min(d, (1 + s)/(10 + s))``. With LoRA each EMA annotator is an extra adapter on the same network, updated after
+    every optimizer step: one no-grad forward each and almost no memory. With full fine-tuning each is a full copy of
+    the denoiser in float32 (4 bytes per parameter each: 3.4 GB per annotator for an SD1.5 UNet).
 
     See [`DiffusionPreferenceTrainer`] for the arguments.
     """
@@ -92,6 +104,7 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
                 for policy_params, annotator_params, _ in self._annotator_pairs:
                     for target, source in zip(annotator_params, policy_params, strict=True):
                         target.data = source.detach().float().clone()
+        self.annotator_updates = 0  # EMAModel's `optimization_step`: updates so far, saved with the annotators
         self.add_callback(_AnnotatorEMACallback(self))
         self._minority_rows: list[torch.Tensor] = []
 
@@ -112,12 +125,18 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
 
     @torch.no_grad()
     def update_annotators(self):
-        """``θ_ema ← d·θ_ema + (1 − d)·θ``, for every annotator, after an optimizer step."""
+        """``θ_ema ← d_s·θ_ema + (1 − d_s)·θ`` for every annotator after an optimizer step, ``d_s`` on the authors'
+        schedule ([`annotator_ema_decay`]: 0 at the first update, so the annotator becomes a copy of the policy)."""
+        self.annotator_updates += 1
         # ZeRO-3 partitions parameters: gather them whole for the update (rank 0's result is re-partitioned).
         with gathered_parameters(self.model, *self.ema_annotators, accelerator=self.accelerator):
             for policy_params, annotator_params, decay in self._annotator_pairs:
                 sources = [p.detach().to(a.dtype) for p, a in zip(policy_params, annotator_params, strict=True)]
-                torch._foreach_lerp_(annotator_params, sources, 1 - decay)
+                current = annotator_ema_decay(decay, self.annotator_updates)
+                if current == 0.0:
+                    torch._foreach_copy_(annotator_params, sources)
+                else:
+                    torch._foreach_lerp_(annotator_params, sources, 1 - current)
 
     def auxiliary_errors(self, model, step):
         errors = {}
@@ -143,19 +162,16 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
         for errors in step.auxiliary_errors.values():
             chosen, rejected = errors.chunk(2)
             annotator_margins.append(implicit_reward_margin(chosen, rejected, ref_chosen, ref_rejected))
-        if step.mode == "train" and self.state.global_step < args.minority_warmup_steps:
-            u = torch.zeros_like(margins.detach())
-        else:
-            u = minority_scores(
-                torch.stack(annotator_margins),
-                rho=args.rho,
-                normalize=args.normalize_margins,
-                prior_confidence=step.inputs.get("confidence"),
-            )
-        flipped = torch.zeros_like(u)
-        if args.flip_minority_labels:
-            flipped = (u > args.minority_flip_threshold).float()
-            margins = torch.where(flipped.bool(), -margins, margins)
+        # The authors' warm-up lets the EMA annotators settle; without them the policy scores pairs from the start.
+        in_warmup = bool(self.annotator_names) and self.state.global_step < args.minority_warmup_steps
+        terms = minority_score_terms(
+            torch.stack(annotator_margins),
+            rho=args.rho,
+            normalize=args.normalize_margins,
+            prior_confidence=step.inputs.get("confidence"),
+            warmup=step.mode == "train" and in_warmup,
+        )
+        u = terms["u"]
         loss, metrics = adaptive_dpo_loss(
             margins,
             u,
@@ -164,8 +180,13 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
             k=args.weight_scale,
             c=args.weight_offset,
             margin_type=args.margin_type,
+            flip_threshold=args.minority_flip_threshold if args.flip_minority_labels else None,
         )
-        metrics["adaptive/flipped_fraction"] = flipped
+        metrics["adaptive/confidence_mean"] = terms["confidence"]
+        if "stability" in terms:
+            metrics["adaptive/stability_mean"] = terms["stability"]
+        for name, norm in zip(["policy", *self.annotator_names], terms["margin_norms"], strict=True):
+            metrics[f"adaptive/margin_norm/{name}"] = norm.expand_as(u)  # one value per batch, averaged when logged
         metrics.update(dpo_reward_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta))
         if args.save_minority_scores and step.mode == "train":
             rows = step.inputs["row_index"].to(u.device, torch.float64)
@@ -191,11 +212,13 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
             writer.writerows([int(step), int(row), score] for step, row, score in rows)
 
     def _annotator_state_dict(self) -> dict[str, torch.Tensor]:
-        return {
+        state = {
             f"{name}.{i}": parameter.detach().contiguous()
             for name, (_, annotator_params, _) in zip(self.annotator_names, self._annotator_pairs, strict=True)
             for i, parameter in enumerate(annotator_params)
         }
+        state[NUM_UPDATES_KEY] = torch.tensor(self.annotator_updates, dtype=torch.int64)
+        return state
 
     def save_method_state(self, checkpoint):
         if self.annotator_names:
@@ -204,12 +227,19 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model)
         path = os.path.join(resume_from_checkpoint, ANNOTATORS_FILE)
-        if self.annotator_names and os.path.isfile(path):
-            saved = load_file(path)
-            with torch.no_grad():
-                for name, (_, annotator_params, _) in zip(self.annotator_names, self._annotator_pairs, strict=True):
-                    for i, parameter in enumerate(annotator_params):
-                        parameter.copy_(saved[f"{name}.{i}"])
+        if not (self.annotator_names and os.path.isfile(path)):
+            return
+        saved = load_file(path)
+        with torch.no_grad():
+            for name, (_, annotator_params, _) in zip(self.annotator_names, self._annotator_pairs, strict=True):
+                for i, parameter in enumerate(annotator_params):
+                    parameter.copy_(saved[f"{name}.{i}"])
+        if NUM_UPDATES_KEY in saved:
+            self.annotator_updates = int(saved[NUM_UPDATES_KEY])
+        else:  # a checkpoint written before the counter was saved: one update per optimizer step
+            state = TrainerState.load_from_json(os.path.join(resume_from_checkpoint, "trainer_state.json"))
+            self.annotator_updates = state.global_step
+            logger.warning(f"{path} has no EMA update count; using the checkpoint's step, {state.global_step}.")
 
     def model_card_hyperparameters(self):
         args = self.args
