@@ -19,12 +19,15 @@ import os
 import sys
 import time
 
+import datasets
 import diffusers
+import huggingface_hub
 import numpy as np
 import torch
 import transformers
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
+from transformers import PrinterCallback
 
 from trl_diffusion import METHODS
 from trl_diffusion.evaluation import PreferenceEvaluation, evaluate_preference, image_grid
@@ -81,6 +84,7 @@ def train(args: argparse.Namespace, base_path: str, dataset) -> str:
             logging_steps=max(1, args.max_steps // 6),
             resolution=SIZE,
             dataloader_num_workers=0,
+            dataloader_pin_memory=False,
             save_strategy="no",
             report_to="none",
             disable_tqdm=True,
@@ -90,6 +94,7 @@ def train(args: argparse.Namespace, base_path: str, dataset) -> str:
         train_dataset=dataset,
         peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=LORA_TARGETS),
     )
+    trainer.remove_callback(PrinterCallback)  # the demo prints its own table of the logged loss and accuracy
     trainer.train()
     trainer.save_model()
     accuracy_key = trainer._accuracy_metric
@@ -127,6 +132,9 @@ def main(argv: list[str] | None = None) -> int:
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
     transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    datasets.disable_progress_bars()
+    huggingface_hub.utils.disable_progress_bars()
     start, cpu_start = time.time(), time.process_time()
     reward = get_reward(args.reward)
 
