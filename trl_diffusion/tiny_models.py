@@ -147,11 +147,13 @@ def build_tiny_t5_tokenizer(save_directory: str, model_max_length: int = 16):
     return tokenizer
 
 
-def _tiny_t5_encoder(vocab_size: int, d_model: int = 64, seed: int = 0):
-    from transformers import T5Config, T5EncoderModel
+def _tiny_t5_encoder(vocab_size: int, d_model: int = 64, seed: int = 0, umt5: bool = False):
+    """A 2-layer T5 encoder (UMT5 with ``umt5``: Wan's text encoder) of width ``d_model``."""
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
+    config_class, model_class = (UMT5Config, UMT5EncoderModel) if umt5 else (T5Config, T5EncoderModel)
     torch.manual_seed(seed)
-    config = T5Config(
+    config = config_class(
         vocab_size=vocab_size,
         d_model=d_model,
         d_kv=d_model // 4,
@@ -165,7 +167,7 @@ def _tiny_t5_encoder(vocab_size: int, d_model: int = 64, seed: int = 0):
         eos_token_id=1,
         decoder_start_token_id=0,
     )
-    return T5EncoderModel(config).eval()
+    return model_class(config).eval()
 
 
 # SD3 and Flux VAEs have no 1x1 (post-)quantisation convolutions; their configs also set a latent `shift_factor`.
@@ -600,27 +602,6 @@ def build_tiny_z_image(save_directory: str, seed: int = 0) -> str:
     return save_directory
 
 
-def _tiny_umt5_encoder(vocab_size: int, d_model: int = 32, seed: int = 0):
-    from transformers import UMT5Config, UMT5EncoderModel
-
-    torch.manual_seed(seed)
-    config = UMT5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=d_model // 4,
-        d_ff=2 * d_model,
-        num_layers=2,
-        num_heads=4,
-        relative_attention_num_buckets=8,
-        relative_attention_max_distance=16,
-        feed_forward_proj="gated-gelu",
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-    )
-    return UMT5EncoderModel(config).eval()
-
-
 def build_tiny_wan(save_directory: str, seed: int = 0, ti2v: bool = False) -> str:
     """Save a tiny Wan 2.1-style text-to-video pipeline (`WanPipeline`) and return its path.
 
@@ -669,7 +650,7 @@ def build_tiny_wan(save_directory: str, seed: int = 0, ti2v: bool = False) -> st
     )
     pipeline = WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=_tiny_umt5_encoder(len(tokenizer), seed=seed),
+        text_encoder=_tiny_t5_encoder(len(tokenizer), d_model=32, seed=seed, umt5=True),
         vae=vae,
         scheduler=scheduler,
         transformer=transformer,
