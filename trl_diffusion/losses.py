@@ -184,7 +184,7 @@ def diffusion_kto_loss(
     Returns:
         ``(loss, metrics)``. Per desirable image: ``rewards/chosen`` (``beta * g``), ``mse/policy_chosen``,
         ``mse/ref_chosen``; per undesirable image: ``rewards/rejected``, ``mse/policy_rejected``, ``mse/ref_rejected``;
-        per image: ``kto/accuracy`` (``w(x_0) * (g - z_0) > 0``) and ``kto/utility_loss``; and ``kl``, ``z_0``.
+        per image: ``kto/accuracy`` (``w(x_0) * (g - z_0) > 0``) and ``kto/utility_loss``; and ``kl``, the ``z_0`` used.
     """
     desirable = desirable.bool()
     rewards = ref_errors - policy_errors
