@@ -24,7 +24,7 @@ test-slow: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python -m pytest -q -m slow
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 $(BIN)/python examples/demo.py
+	HF_HUB_OFFLINE=1 HF_HUB_DISABLE_TELEMETRY=1 TRANSFORMERS_VERBOSITY=error $(BIN)/python examples/demo.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

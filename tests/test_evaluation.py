@@ -168,6 +168,7 @@ def test_evaluation_callback_logs_win_rate_and_grid_to_tensorboard(tiny_sd, tmp_
     assert any("mapo/accuracy" in entry for entry in trainer.state.log_history)
 
 
+@pytest.mark.slow  # about 70 s: every stage of the benchmark, on a few steps
 def test_efficacy_benchmark_smoke(tmp_path):
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import efficacy
