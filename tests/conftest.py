@@ -17,6 +17,7 @@ import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from trl_diffusion.model_config import resolve_model_path  # noqa: E402
 from trl_diffusion.tiny_models import (  # noqa: E402
     build_tiny_flux,
     build_tiny_flux2,
@@ -27,6 +28,17 @@ from trl_diffusion.tiny_models import (  # noqa: E402
     build_tiny_wan,
     build_tiny_z_image,
 )
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    """The folder of the CLI's offline tiny models (``TRL_DIFFUSION_CACHE``), with ``tiny-sd`` built once in it for
+    the in-process runs and the launched processes alike."""
+    path = tmp_path_factory.mktemp("tiny-model-cache")
+    os.environ["TRL_DIFFUSION_CACHE"] = str(path)
+    resolve_model_path("tiny-sd")
+    yield path
+    os.environ.pop("TRL_DIFFUSION_CACHE", None)
 
 
 def pytest_sessionfinish(session, exitstatus):

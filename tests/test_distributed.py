@@ -23,8 +23,6 @@ import sys
 import pytest
 from helpers.runs import STRICT, accelerate_launch, assert_same_weights, run, run_in_process, tiny_args
 
-from trl_diffusion.model_config import resolve_model_path
-
 
 needs_deepspeed = pytest.mark.skipif(
     importlib.util.find_spec("deepspeed") is None,
@@ -34,16 +32,6 @@ CONFIGS = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trl_diffusion", "accelerate_configs"
 )
 CPU_LAUNCH = ["--num_processes", "2", "--mixed_precision", "no"]
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    """The tiny model, built once for the in-process runs and the launched processes alike."""
-    path = tmp_path_factory.mktemp("tiny-model-cache")
-    os.environ["TRL_DIFFUSION_CACHE"] = str(path)
-    resolve_model_path("tiny-sd")
-    yield path
-    os.environ.pop("TRL_DIFFUSION_CACHE", None)
 
 
 def test_ddp_two_processes_through_the_cli_match_one_process(cache_dir, tmp_path):

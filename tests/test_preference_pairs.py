@@ -14,7 +14,6 @@ from PIL import Image
 
 from trl_diffusion import PreferenceDataset, generate_preference_pairs
 from trl_diffusion.evaluation import generate_paired
-from trl_diffusion.model_config import resolve_model_path
 from trl_diffusion.preference_pairs import form_pairs, save_preference_pairs
 from trl_diffusion.scorers import redness_scorer
 
@@ -134,15 +133,6 @@ def test_save_to_disk_parquet_and_push_to_hub(pipeline, tmp_path, monkeypatch):
     assert name.startswith("data/train-") and uploaded.to_dict() == pairs.dataset.to_dict()
     with pytest.raises(ValueError, match="hub_dataset_id"):
         save_preference_pairs(pairs, str(tmp_path / "x"), push_to_hub=True)
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model-cache")
-    os.environ["TRL_DIFFUSION_CACHE"] = str(path)
-    resolve_model_path("tiny-sd")
-    yield path
-    os.environ.pop("TRL_DIFFUSION_CACHE", None)
 
 
 CLI_ARGS = ["--config", TINY_YAML, "--prompts", "a red square", "a blue square", "a teal square", "--pairing", "all"]

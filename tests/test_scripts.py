@@ -19,14 +19,6 @@ from trl_diffusion.scripts.utils import _select_split, load_preference_dataset
 CONFIGS = os.path.join(REPO, "trl_diffusion", "accelerate_configs")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny-model-cache")
-    os.environ["TRL_DIFFUSION_CACHE"] = str(path)
-    yield path
-    os.environ.pop("TRL_DIFFUSION_CACHE", None)
-
-
 @pytest.mark.parametrize(
     ("command", "overrides"),
     [
