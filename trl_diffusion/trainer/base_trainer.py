@@ -20,10 +20,17 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from ..callbacks import CollapseWarningCallback, read_widget
 from ..data import DiffusionPreferenceCollator, PreferenceDataset
-from ..encodings import FIXED_NOISE_STEP, prepare_cached_datasets
+from ..encodings import prepare_cached_datasets
 from ..lora_formats import KOHYA_WEIGHT_NAME, export_kohya_lora
 from ..model_card import write_model_card
 from ..models import DiffusionFamily, get_family
+from ..noise import (
+    FIXED_NOISE_STEP,
+    PairDraws,
+    noise_step,
+    pair_randomness,
+    pair_seed,  # noqa: F401 (re-exported from its former home)
+)
 from ..quantization import check_quantized_setup, is_quantized, load_quantized_pipeline, wants_quantization
 from ..video import VideoPreferenceDataset
 from .agreement import fetch_in_agreement
@@ -70,16 +77,6 @@ class DenoisingStep:
     ref_errors: torch.Tensor | None = None
     auxiliary_errors: dict[str, torch.Tensor] = field(default_factory=dict)
     group_size: int = 2
-
-
-def pair_seed(seed: int, step: int, row: int) -> int:
-    """A 63-bit seed for the noise, timestep and caption dropout of one pair at one optimizer step.
-
-    Noise depends only on (seed, step, dataset row), never on how rows are split into micro-batches or processes, so
-    batch 4 and batch 2 x accumulation 2 see the same noise, and a resumed run continues with the same draws.
-    """
-    mixed = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9 + row * 0x94D049BB133111EB) % (1 << 63)
-    return mixed
 
 
 def _load_pipeline(
@@ -269,6 +266,8 @@ class DiffusionPreferenceTrainer(Trainer):
                 self.ref_model = torch.compile(
                     self.ref_model, backend=args.torch_compile_backend, mode=args.torch_compile_mode
                 )
+        # The step that seeds every training step's draws, or None for the optimizer step (see `trl_diffusion.noise`)
+        self.fixed_noise_step: int | None = FIXED_NOISE_STEP if args.precompute_ref_errors else None
         self._metrics: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._skipped_rows = defaultdict(int)
         self.nonfinite_guard = NonFiniteGuard(self, max_skipped_steps=args.skip_nonfinite_steps)
@@ -344,32 +343,12 @@ class DiffusionPreferenceTrainer(Trainer):
         chunks = pixel_values.split(self.args.vae_encode_batch_size)
         return torch.cat([self.family.encode_images(chunk) for chunk in chunks]).float()
 
-    def _noise_step(self, mode: str) -> int:
-        """The step that seeds a pair's draws (see [`pair_seed`]): the optimizer step in training, ``-1`` in
-        evaluation, and ``FIXED_NOISE_STEP`` at every training step when reference errors are precomputed."""
-        if mode != "train":
-            return -1
-        return FIXED_NOISE_STEP if self.args.precompute_ref_errors else self.state.global_step
-
-    def _pair_randomness(
-        self, row_index: torch.Tensor, latent_shape: torch.Size, mode: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Noise ``(B, *latent_shape)`` and three uniforms per pair (timestep, caption dropout, flip of a cached pair),
-        seeded per pair: ``(noise, uniforms)`` on the device, and the same uniforms on the host for host-side
-        decisions."""
-        step = self._noise_step(mode)
-        noise, uniforms = [], []
-        for row in row_index.tolist():
-            generator = torch.Generator().manual_seed(pair_seed(self.args.seed, step, row))
-            noise.append(torch.randn(latent_shape, generator=generator))
-            # Drawn in this order so that adding the flip left the earlier draws (and past runs' noise) unchanged
-            uniforms.append(torch.cat([torch.rand(2, generator=generator), torch.rand(1, generator=generator)]))
-        noise, host_uniforms = torch.stack(noise), torch.stack(uniforms)
-        uniforms = host_uniforms
-        device = self.accelerator.device
-        if device.type == "cuda":
-            noise, uniforms = noise.pin_memory(), uniforms.pin_memory()
-        return noise.to(device, non_blocking=True), uniforms.to(device, non_blocking=True), host_uniforms
+    def _pair_draws(self, row_index: torch.Tensor, latent_shape: torch.Size, mode: str) -> tuple[PairDraws, PairDraws]:
+        """The seeded draws of a batch's pairs (see `trl_diffusion.noise`): ``(on the device, on the host)``, the
+        host copy for host-side decisions (the uncached caption dropout)."""
+        step = noise_step(mode, self.state.global_step, self.fixed_noise_step)
+        host = pair_randomness(row_index, latent_shape, seed=self.args.seed, step=step)
+        return host.to(self.accelerator.device), host
 
     def _cached_prompt_embeds(
         self, prompt_embeds: dict[str, torch.Tensor], dropped: torch.Tensor | None
@@ -390,25 +369,25 @@ class DiffusionPreferenceTrainer(Trainer):
         with torch.no_grad():
             cached = "latents" in inputs
             latents = inputs["latents"].float() if cached else self.encode_images(inputs["pixel_values"])
-            noise, uniforms, host_uniforms = self._pair_randomness(inputs["row_index"], latents.shape[1:], mode)
+            draws, host_draws = self._pair_draws(inputs["row_index"], latents.shape[1:], mode)
             group_size = latents.shape[0] // len(inputs["row_index"])
             drop_rate = self.args.proportion_empty_prompts
             if cached:
                 if "latents_flipped" in inputs:
-                    flip = (uniforms[:, 2] < 0.5).repeat(group_size).view(-1, *([1] * (latents.dim() - 1)))
+                    flip = (draws.flip < 0.5).repeat(group_size).view(-1, *([1] * (latents.dim() - 1)))
                     latents = torch.where(flip, inputs["latents_flipped"].float(), latents)
-                dropped = uniforms[:, 1] < drop_rate if drop_rate > 0 else None
+                dropped = draws.caption_dropout < drop_rate if drop_rate > 0 else None
                 prompt_embeds = self._cached_prompt_embeds(inputs["prompt_embeds"], dropped)
             else:
                 prompts = list(inputs["prompts"])
                 if drop_rate > 0:
-                    dropped = (host_uniforms[:, 1] < drop_rate).tolist()
+                    dropped = (host_draws.caption_dropout < drop_rate).tolist()
                     prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
                 prompt_embeds = self.family.encode_prompt(prompts)
             conditioning = {key: torch.cat([value] * group_size) for key, value in prompt_embeds.items()}
             conditioning.update(self.family.image_conditioning(inputs))
-            timesteps = self.family.timesteps_from_uniform(uniforms[:, 0]).repeat(group_size)
-            noise = noise.repeat(group_size, *([1] * (noise.dim() - 1)))
+            timesteps = self.family.timesteps_from_uniform(draws.timestep).repeat(group_size)
+            noise = draws.noise.repeat(group_size, *([1] * (draws.noise.dim() - 1)))
             noisy_latents = self.family.noisy_input(latents, noise, timesteps)
             if self.args.channels_last and noisy_latents.dim() == 4:
                 noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
