@@ -97,7 +97,7 @@ def train(args: argparse.Namespace, base_path: str, dataset) -> str:
     trainer.remove_callback(PrinterCallback)  # the demo prints its own table of the logged loss and accuracy
     trainer.train()
     trainer.save_model()
-    accuracy_key = trainer._accuracy_metric
+    accuracy_key = trainer.accuracy_metric
     print(f"      step   loss    {accuracy_key}")
     for entry in trainer.state.log_history:
         if "loss" in entry:

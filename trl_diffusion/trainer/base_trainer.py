@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from accelerate.utils import is_compiled_module
 from diffusers import DiffusionPipeline
+from diffusers.training_utils import cast_training_params
 from huggingface_hub import save_torch_state_dict
 from peft import PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -20,9 +21,11 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from ..callbacks import CollapseWarningCallback, read_widget
 from ..data import DiffusionPreferenceCollator, PreferenceDataset
+from ..dtypes import compute_dtype
 from ..encodings import prepare_cached_datasets
 from ..lora_formats import KOHYA_WEIGHT_NAME, export_kohya_lora
 from ..model_card import write_model_card
+from ..model_config import load_pipeline
 from ..models import DiffusionFamily, get_family
 from ..noise import (
     FIXED_NOISE_STEP,
@@ -31,12 +34,12 @@ from ..noise import (
     pair_randomness,
     pair_seed,  # noqa: F401 (re-exported from its former home)
 )
-from ..quantization import check_quantized_setup, is_quantized, load_quantized_pipeline, wants_quantization
+from ..quantization import check_quantized_setup, is_quantized
 from ..video import VideoPreferenceDataset
 from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
 from .checkpoints import begin_checkpoint, mark_checkpoint_complete, resolve_resume_checkpoint
-from .distributed import add_deepspeed_input_cast, prepare_frozen_model, zero3_init_disabled
+from .distributed import add_deepspeed_input_cast, prepare_frozen_model
 from .nonfinite import NonFiniteGuard
 
 
@@ -77,23 +80,6 @@ class DenoisingStep:
     ref_errors: torch.Tensor | None = None
     auxiliary_errors: dict[str, torch.Tensor] = field(default_factory=dict)
     group_size: int = 2
-
-
-def _load_pipeline(
-    model: str | DiffusionPipeline, args: DiffusionPreferenceConfig | None = None
-) -> tuple[DiffusionPipeline, str]:
-    if isinstance(model, DiffusionPipeline):
-        return model, model.name_or_path or type(model).__name__
-    if isinstance(model, (str, os.PathLike)):
-        if args is not None and wants_quantization(args):
-            # QLoRA: the denoiser's frozen base loads in 4/8 bits; its other layers in the compute dtype
-            compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-            return load_quantized_pipeline(str(model), args, compute_dtype), str(model)
-        with zero3_init_disabled():  # transformers would partition the frozen text encoders at load under ZeRO-3
-            return DiffusionPipeline.from_pretrained(str(model)), str(model)
-    raise TypeError(
-        f"model must be a diffusers pipeline folder, a Hub id or a DiffusionPipeline, got {type(model).__name__}."
-    )
 
 
 def _bridge_diffusers_model(denoiser: torch.nn.Module) -> None:
@@ -160,10 +146,10 @@ class DiffusionPreferenceTrainer(Trainer):
     _name = "Base"
     _paper: dict = {}
     config_class = DiffusionPreferenceConfig
-    # Whether the method compares against a frozen reference model
-    _uses_reference = True
+    # Whether the method compares against a frozen reference model (MaPO does not)
+    uses_reference = True
     # The per-pair accuracy metric that is also logged per timestep bucket
-    _accuracy_metric = "rewards/accuracies"
+    accuracy_metric = "rewards/accuracies"
     # `compute_loss` returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
     loss_is_scaled_for_ga = False
     # What a raw `datasets.Dataset` is wrapped in (its `from_config(dataset, args)`): pairs here; an unpaired method
@@ -186,57 +172,12 @@ class DiffusionPreferenceTrainer(Trainer):
         if args is None:
             model_name = model if isinstance(model, str) else type(model).__name__
             args = self.config_class(output_dir=f"{os.path.basename(str(model_name).rstrip('/'))}-{self._name}")
-        if ref_model is not None and not self._uses_reference:
-            raise ValueError(f"{type(self).__name__} uses no reference model; do not pass `ref_model`.")
-        if ref_model is not None and (peft_config is not None or args.adapter_name_or_path is not None):
-            raise ValueError(
-                "With LoRA (`peft_config` or `adapter_name_or_path`), the reference is the base network with its "
-                "adapters disabled (or with a frozen adapter); do not pass `ref_model` (it would be a second copy in "
-                "memory)."
-            )
+        self._check_reference_arguments(ref_model, args, peft_config)
         # Seed before LoRA initialisation and reference copies, as `Trainer` does for its own model init.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        pipeline, self.model_name_or_path = _load_pipeline(model, args)
-        self.family: DiffusionFamily = get_family(pipeline, args)
-        self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        for name, module in self.family.frozen_modules().items():
-            _cast(module.requires_grad_(False).eval(), self.family.frozen_module_dtype(name, self.weight_dtype))
-        denoiser = self.family.denoiser
-        # Training on top of an existing LoRA (`adapter_name_or_path`) is LoRA training of that adapter
-        self.is_peft = peft_config is not None or args.adapter_name_or_path is not None
-        # The name of a frozen adapter that is (with the base) the reference, or None when the reference is the base
-        self.reference_adapter: str | None = None
-        check_quantized_setup(denoiser, args, self.is_peft)
-        if self.is_peft:
-            denoiser.requires_grad_(False)
-            if not is_quantized(denoiser):  # a quantized model keeps its own dtypes (and refuses casts)
-                _cast(denoiser, self.weight_dtype)
-            if args.adapter_name_or_path is not None:
-                self._load_starting_adapter(pipeline, args, peft_config)
-            else:
-                if peft_config.target_modules is None:
-                    peft_config.target_modules = list(self.family.lora_target_modules)
-                denoiser.add_adapter(peft_config)
-            for parameter in denoiser.parameters():
-                if parameter.requires_grad:
-                    parameter.data = parameter.data.float()
-            self.ref_model = None
-        else:
-            _cast(denoiser.requires_grad_(True), torch.float32)
-            self.ref_model = self._create_reference(ref_model, denoiser) if self._uses_reference else None
-        _bridge_diffusers_model(denoiser)
-        if args.channels_last:
-            for network in (denoiser, self.ref_model):
-                if network is not None:
-                    network.to(memory_format=torch.channels_last)
-        self.train_dataset_stats = None
-        train_dataset = self._wrap_dataset(train_dataset, args)
-        if isinstance(train_dataset, PreferenceDataset):
-            self.train_dataset_stats = train_dataset.stats
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: self._wrap_dataset(dataset, args) for name, dataset in eval_dataset.items()}
-        else:
-            eval_dataset = self._wrap_dataset(eval_dataset, args)
+        pipeline = self._setup_pipeline(model, args)
+        denoiser = self._setup_denoiser(pipeline, ref_model, args, peft_config)
+        train_dataset, eval_dataset = self._setup_datasets(train_dataset, eval_dataset, args)
         super().__init__(
             model=denoiser,
             args=args,
@@ -247,36 +188,126 @@ class DiffusionPreferenceTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        self._setup_step_state(args)
+        self._place_frozen_networks(denoiser, args)
+        # Encoding cache (`precompute_encodings`) and precomputed reference errors: see `trl_diffusion.encodings`
+        prepare_cached_datasets(self)
+
+    # ----- set-up -----
+
+    @property
+    def _uses_reference(self) -> bool:
+        """The former name of [`uses_reference`]."""
+        return self.uses_reference
+
+    def _check_reference_arguments(self, ref_model, args: DiffusionPreferenceConfig, peft_config) -> None:
+        """Refuse a ``ref_model`` that the method or the LoRA set-up would not use."""
+        if ref_model is not None and not self.uses_reference:
+            raise ValueError(f"{type(self).__name__} uses no reference model; do not pass `ref_model`.")
+        if ref_model is not None and (peft_config is not None or args.adapter_name_or_path is not None):
+            raise ValueError(
+                "With LoRA (`peft_config` or `adapter_name_or_path`), the reference is the base network with its "
+                "adapters disabled (or with a frozen adapter); do not pass `ref_model` (it would be a second copy in "
+                "memory)."
+            )
+
+    def _setup_pipeline(self, model: str | DiffusionPipeline, args: DiffusionPreferenceConfig) -> DiffusionPipeline:
+        """Load the pipeline (see [`~trl_diffusion.model_config.load_pipeline`]), find its family and freeze the
+        VAE and text encoders in the compute dtype."""
+        if isinstance(model, DiffusionPipeline):
+            pipeline, self.model_name_or_path = model, model.name_or_path or type(model).__name__
+        elif isinstance(model, (str, os.PathLike)):
+            pipeline, self.model_name_or_path = load_pipeline(model, args), str(model)
+        else:
+            raise TypeError(
+                f"model must be a diffusers pipeline folder, a Hub id or a DiffusionPipeline, got {type(model).__name__}."
+            )
+        self.family: DiffusionFamily = get_family(pipeline, args)
+        self.weight_dtype = compute_dtype(args)
+        for name, module in self.family.frozen_modules().items():
+            _cast(module.requires_grad_(False).eval(), self.family.frozen_module_dtype(name, self.weight_dtype))
+        return pipeline
+
+    def _setup_denoiser(
+        self, pipeline: DiffusionPipeline, ref_model, args: DiffusionPreferenceConfig, peft_config: PeftConfig | None
+    ) -> torch.nn.Module:
+        """Make the denoiser trainable (its LoRA adapters, or all of it) and build the reference where needed."""
+        denoiser = self.family.denoiser
+        # Training on top of an existing LoRA (`adapter_name_or_path`) is LoRA training of that adapter
+        self.is_peft = peft_config is not None or args.adapter_name_or_path is not None
+        # The name of a frozen adapter that is (with the base) the reference, or None when the reference is the base
+        self.reference_adapter: str | None = None
+        check_quantized_setup(denoiser, args, self.is_peft)
+        if self.is_peft:
+            self._setup_lora(pipeline, denoiser, args, peft_config)
+            self.ref_model = None
+        else:
+            _cast(denoiser.requires_grad_(True), torch.float32)
+            self.ref_model = self._create_reference(ref_model, denoiser) if self.uses_reference else None
+        _bridge_diffusers_model(denoiser)
+        if args.channels_last:
+            for network in (denoiser, self.ref_model):
+                if network is not None:
+                    network.to(memory_format=torch.channels_last)
+        return denoiser
+
+    def _setup_lora(
+        self, pipeline: DiffusionPipeline, denoiser: torch.nn.Module, args, peft_config: PeftConfig | None
+    ) -> None:
+        """Freeze the base in the compute dtype and add the trained adapter (new, or the user's), in float32."""
+        denoiser.requires_grad_(False)
+        if not is_quantized(denoiser):  # a quantized model keeps its own dtypes (and refuses casts)
+            _cast(denoiser, self.weight_dtype)
+        if args.adapter_name_or_path is not None:
+            self._load_starting_adapter(pipeline, args, peft_config)
+        else:
+            if peft_config.target_modules is None:
+                peft_config.target_modules = list(self.family.lora_target_modules)
+            denoiser.add_adapter(peft_config)
+        cast_training_params(denoiser, dtype=torch.float32)
+
+    def _setup_datasets(self, train_dataset, eval_dataset, args: DiffusionPreferenceConfig):
+        """Wrap raw `datasets.Dataset`s in the method's dataset class; keep the training data's statistics."""
+        train_dataset = self._wrap_dataset(train_dataset, args)
+        self.train_dataset_stats = train_dataset.stats if isinstance(train_dataset, PreferenceDataset) else None
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: self._wrap_dataset(dataset, args) for name, dataset in eval_dataset.items()}
+        else:
+            eval_dataset = self._wrap_dataset(eval_dataset, args)
+        return train_dataset, eval_dataset
+
+    def _setup_step_state(self, args: DiffusionPreferenceConfig) -> None:
+        """The training step's own state: metrics, skip counts, the noise step, and its two watchdog callbacks."""
         self.add_callback(
             CollapseWarningCallback(
-                self._accuracy_metric, args.collapse_warning_accuracy, args.collapse_warning_error_ratio
+                self.accuracy_metric, args.collapse_warning_accuracy, args.collapse_warning_error_ratio
             )
         )
-        device = self.accelerator.device
-        for module in self.family.frozen_modules().values():
-            module.to(device)
-        if self.is_deepspeed_enabled:
-            add_deepspeed_input_cast(denoiser)
-        if self.ref_model is not None:
-            # As TRL prepares its `ref_model`: replicated (DDP, ZeRO-1/2) or sharded (ZeRO-3, FSDP) like the policy.
-            self.ref_model = prepare_frozen_model(self.ref_model, self.accelerator)
-            distributed = self.is_deepspeed_enabled or self.is_fsdp_enabled
-            if args.torch_compile and not distributed and not args.precompute_ref_errors:
-                # The frozen copy runs once per step like the policy: compile it as the Trainer compiles the policy.
-                self.ref_model = torch.compile(
-                    self.ref_model, backend=args.torch_compile_backend, mode=args.torch_compile_mode
-                )
         # The step that seeds every training step's draws, or None for the optimizer step (see `trl_diffusion.noise`)
         self.fixed_noise_step: int | None = FIXED_NOISE_STEP if args.precompute_ref_errors else None
         self._metrics: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._skipped_rows = defaultdict(int)
         self.nonfinite_guard = NonFiniteGuard(self, max_skipped_steps=args.skip_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
-        # Encoding cache (`precompute_encodings`) and precomputed reference errors: see `trl_diffusion.encodings`
+        # The family's encoding of the empty prompt, for caption dropout on cached data (set by the encoding cache)
         self._empty_prompt_embeds: dict[str, torch.Tensor] | None = None
-        prepare_cached_datasets(self)
 
-    # ----- set-up -----
+    def _place_frozen_networks(self, denoiser: torch.nn.Module, args: DiffusionPreferenceConfig) -> None:
+        """Move the frozen networks to the device; prepare (and compile) the reference as the policy is."""
+        for module in self.family.frozen_modules().values():
+            module.to(self.accelerator.device)
+        if self.is_deepspeed_enabled:
+            add_deepspeed_input_cast(denoiser)
+        if self.ref_model is None:
+            return
+        # As TRL prepares its `ref_model`: replicated (DDP, ZeRO-1/2) or sharded (ZeRO-3, FSDP) like the policy.
+        self.ref_model = prepare_frozen_model(self.ref_model, self.accelerator)
+        distributed = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if args.torch_compile and not distributed and not args.precompute_ref_errors:
+            # The frozen copy runs once per step like the policy: compile it as the Trainer compiles the policy.
+            self.ref_model = torch.compile(
+                self.ref_model, backend=args.torch_compile_backend, mode=args.torch_compile_mode
+            )
 
     def _create_reference(self, ref_model, denoiser: torch.nn.Module) -> torch.nn.Module:
         """A frozen reference denoiser in the compute dtype: a copy of the initial policy unless one is given."""
@@ -302,7 +333,7 @@ class DiffusionPreferenceTrainer(Trainer):
                 "adapter_name_or_path is set: training continues that LoRA with its own rank and target modules; "
                 "the rank and targets of the given peft_config are not used."
             )
-        names = ["default"] + (["reference"] if self._uses_reference and args.reference == "base+adapter" else [])
+        names = ["default"] + (["reference"] if self.uses_reference and args.reference == "base+adapter" else [])
         for name in names:
             pipeline.load_lora_weights(source, adapter_name=name)
         denoised = [key for key, module in pipeline.components.items() if getattr(module, "peft_config", None)]
@@ -451,9 +482,9 @@ class DiffusionPreferenceTrainer(Trainer):
         # touches a live autograd graph. Autocast as for the policy (whose forward `accelerate` wraps): a full
         # fine-tune's frozen reference holds compute-dtype weights and takes the float32 latents.
         with torch.no_grad(), self.accelerator.autocast():
-            if self._uses_reference and "ref_errors" in inputs:
+            if self.uses_reference and "ref_errors" in inputs:
                 step.ref_errors = inputs["ref_errors"].float()  # precomputed (`precompute_ref_errors`)
-            elif self._uses_reference:
+            elif self.uses_reference:
                 with self.reference_model(model) as reference:
                     step.ref_errors = self.denoising_errors(reference, step)
             step.auxiliary_errors = self.auxiliary_errors(model, step)
@@ -506,13 +537,13 @@ class DiffusionPreferenceTrainer(Trainer):
 
         for key, values in metrics.items():
             add(key, values)
-        accuracy = metrics.get(self._accuracy_metric)
+        accuracy = metrics.get(self.accuracy_metric)
         if accuracy is not None:
             num_buckets, num_timesteps = self.args.timestep_buckets, self.family.num_train_timesteps
             bucket = (timesteps.float() / num_timesteps * num_buckets).long().clamp(0, num_buckets - 1)
             for b in range(num_buckets):
                 low, high = round(b * num_timesteps / num_buckets), round((b + 1) * num_timesteps / num_buckets)
-                add(f"{self._accuracy_metric}/t{low}-{high}", accuracy, bucket == b)
+                add(f"{self.accuracy_metric}/t{low}-{high}", accuracy, bucket == b)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry "loss", evaluation logs "eval_*"; other logs (e.g. from callbacks) leave metrics be.
