@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from ..callbacks import CollapseWarningCallback, read_widget
+from ..callbacks import CollapseWarningCallback, NonFiniteGuard, read_widget
 from ..data import DiffusionPreferenceCollator, PreferenceDataset
 from ..dtypes import compute_dtype
 from ..encodings import prepare_cached_datasets
@@ -40,7 +40,6 @@ from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
 from .checkpoints import begin_checkpoint, mark_checkpoint_complete, resolve_resume_checkpoint
 from .distributed import add_deepspeed_input_cast, prepare_frozen_model
-from .nonfinite import NonFiniteGuard
 
 
 logger = logging.getLogger(__name__)
