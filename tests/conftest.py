@@ -18,7 +18,7 @@ from datasets import Dataset  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from trl_diffusion.model_config import resolve_model_path  # noqa: E402
-from trl_diffusion.tiny_models import (  # noqa: E402
+from trl_diffusion.testing.tiny_models import (  # noqa: E402
     build_tiny_flux,
     build_tiny_flux2,
     build_tiny_qwen_image,

@@ -44,7 +44,7 @@ from trl_diffusion.models.flux2 import pack_latents as flux2_pack_latents
 from trl_diffusion.models.flux2 import patchify_latents, text_ids
 from trl_diffusion.models.flux2 import unpack_latents as flux2_unpack_latents
 from trl_diffusion.models.resolution_shift import time_shift
-from trl_diffusion.tiny_models import build_tiny_flux
+from trl_diffusion.testing.tiny_models import build_tiny_flux
 
 
 FAMILIES = {

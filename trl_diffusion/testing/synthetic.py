@@ -21,7 +21,7 @@ from datasets import Dataset
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
-from .evaluation import Scorer, generate_paired, saturation_scorer
+from ..evaluation import Scorer, generate_paired, saturation_scorer
 from .tiny_models import build_tiny_stable_diffusion
 
 
