@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_pickapic
+from helpers.rows import make_pickapic
 from helpers.videos import make_video_pairs
 from peft import LoraConfig
 from PIL import Image

@@ -1,9 +1,10 @@
 """Kept for compatibility: the synthetic preference task now lives in `trl_diffusion.testing.synthetic`.
 
 ``from trl_diffusion.synthetic import pretrain_base_model`` keeps working; new code should import from
-`trl_diffusion.testing.synthetic`.
+`trl_diffusion.testing.synthetic`. ``png_bytes`` is `trl_diffusion.data.encode_png`.
 """
 
+from .data import encode_png as png_bytes
 from .testing.synthetic import (
     BACKGROUND_RANGE,
     CHROMA_WEIGHT,
@@ -25,7 +26,6 @@ from .testing.synthetic import (
     get_reward,
     hsv_to_rgb,
     mismatched_pairs,
-    png_bytes,
     pretrain_base_model,
     render_squares,
     rightness_scorer,

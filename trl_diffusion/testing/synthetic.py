@@ -10,7 +10,6 @@ module offers; [`self_generated_pairs`] takes any ``scorer(images, prompts) -> s
 the efficacy benchmark (`benchmarks/efficacy.py`) use this module.
 """
 
-import io
 import json
 import os
 
@@ -21,6 +20,7 @@ from datasets import Dataset
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from PIL import Image
 
+from ..data import encode_png
 from ..evaluation import Scorer, generate_paired, saturation_scorer
 from .tiny_models import build_tiny_stable_diffusion
 
@@ -288,13 +288,6 @@ def text_of_empty_prompt(pipeline: StableDiffusionPipeline) -> torch.Tensor:
     return pipeline.text_encoder(ids)[0][0]
 
 
-def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 # ----- preference pairs -----
 
 
@@ -344,8 +337,8 @@ def self_generated_pairs(
         second = first + 1
     return Dataset.from_dict(
         {
-            "jpg_0": [png_bytes(images[i]) for i in first],
-            "jpg_1": [png_bytes(images[i]) for i in second],
+            "jpg_0": [encode_png(images[i]) for i in first],
+            "jpg_1": [encode_png(images[i]) for i in second],
             "label_0": np.where(scores[first] == scores[second], 0.5, scores[first] > scores[second]).tolist(),
             "caption": [prompts[i] for i in first],
             "reward_0": scores[first].tolist(),
@@ -404,8 +397,8 @@ def mismatched_pairs(
     )
     return Dataset.from_dict(
         {
-            "chosen": [png_bytes(image) for image in chosen],
-            "rejected": [png_bytes(image) for image in rejected],
+            "chosen": [encode_png(image) for image in chosen],
+            "rejected": [encode_png(image) for image in rejected],
             "prompt": captions,
         }
     )
