@@ -5,7 +5,7 @@ load it (revision, variant, dtype) and the LoRA adapter to train. The helpers tu
 the trainers take: [`load_pipeline`] and [`get_peft_config`].
 
 Tiny models: `model_name_or_path: tiny-sd` (also every other name in `TINY_MODELS`) builds a tiny,
-randomly initialised pipeline from configs with `trl_diffusion.tiny_models`, saves it once under
+randomly initialised pipeline from configs with `trl_diffusion.testing.tiny_models`, saves it once under
 `$TRL_DIFFUSION_CACHE` (default `~/.cache/trl_diffusion`) and loads it from there, so a script or the CLI runs from a
 fresh clone with no download. A local folder of the same name takes precedence.
 """
@@ -129,7 +129,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if name_or_path not in TINY_MODELS or os.path.isdir(name_or_path):
         return name_or_path
-    from . import tiny_models
+    from .testing import tiny_models
 
     target = os.path.join(tiny_model_cache_dir(), name_or_path)
     if os.path.isfile(os.path.join(target, "model_index.json")):
