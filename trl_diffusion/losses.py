@@ -4,7 +4,7 @@ Every function takes per-sample denoising errors (``e = mean over C, H, W of (pr
 returns ``(loss, metrics)``: a scalar loss tensor and a dict of detached tensors of shape ``(B,)``, one value per
 pair. The trainers average the metrics over pairs, steps and processes before logging them.
 
-Notation, shared by the whole library (see ``shared/DESIGN.md``): ``e_w``, ``e_l`` are the policy's errors on the
+Notation, shared by the whole library (see ``docs/design.md``): ``e_w``, ``e_l`` are the policy's errors on the
 chosen (winning) and rejected (losing) image of a pair, ``r_w``, ``r_l`` the reference's. The implicit reward margin is
 ``l = (r_w - r_l) - (e_w - e_l)``: how much more the policy improved on the chosen image than on the rejected one,
 relative to the reference. Every DPO-family loss is a function of ``beta * l``.
