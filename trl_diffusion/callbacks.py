@@ -4,10 +4,15 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from transformers import TrainerCallback
+
+
+if TYPE_CHECKING:
+    from .trainer.base_trainer import DiffusionPreferenceTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ class ValidationImagesCallback(TrainerCallback):
 
     def __init__(
         self,
-        trainer,
+        trainer: "DiffusionPreferenceTrainer",
         prompts: Sequence[str],
         every_n_steps: int = 0,
         num_inference_steps: int = 25,

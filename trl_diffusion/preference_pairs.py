@@ -32,6 +32,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from datasets import Dataset, Features, Value
@@ -61,7 +62,9 @@ PAIR_FEATURES = Features(
 )
 
 
-def form_pairs(scores: Sequence[float], pairing: str = "best_worst", min_reward_gap: float = 0.0):
+def form_pairs(
+    scores: Sequence[float], pairing: str = "best_worst", min_reward_gap: float = 0.0
+) -> tuple[list[tuple[int, int]], int]:
     """Pairs ``(a, b)``, ``a < b``, of one prompt's images, and the number of candidate pairs dropped.
 
     A candidate is dropped when its gap ``|s_a − s_b|`` is zero or below ``min_reward_gap``.
@@ -170,7 +173,7 @@ def generate_preference_pairs(
     pairing: str = "best_worst",
     seed: int = 0,
     batch_size: int = 8,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> PreferencePairs:
     """Sample ``images_per_prompt`` images per prompt with fixed seeds, score them and pair them (module docstring).
 
