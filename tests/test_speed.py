@@ -9,9 +9,9 @@ import os
 import pytest
 import test_trainers as trainers
 import torch
-from conftest import make_pickapic
 from datasets import Dataset
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from helpers.rows import make_pickapic
 from transformers import TrainerCallback
 
 from trl_diffusion import DiffusionDPOConfig

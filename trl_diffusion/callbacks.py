@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +27,11 @@ from transformers import TrainerCallback
 
 from .evaluation import Scorer, generate_images, image_grid, summarize
 from .nonfinite import HINT, NonFiniteError, all_finite, nonfinite_rows
+
+
+if TYPE_CHECKING:
+    from .trainer.adaptive_dpo_trainer import AdaptiveDPOTrainer
+    from .trainer.base_trainer import DiffusionPreferenceTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -53,7 +59,7 @@ def frame_strip(frames: Sequence[Image.Image], num_frames: int = 4) -> Image.Ima
 
 
 @contextmanager
-def generating_with_policy(trainer):
+def generating_with_policy(trainer: "DiffusionPreferenceTrainer"):
     """The trainer's own pipeline, ready to generate from the weights in training.
 
     The denoiser (LoRA adapters active) is put in eval mode and restored afterwards; generation runs without
@@ -79,7 +85,11 @@ def generating_with_policy(trainer):
 
 
 def log_images(
-    trainer, tag: str, images: Sequence[Image.Image], step: int, captions: Sequence[str] | None = None
+    trainer: "DiffusionPreferenceTrainer",
+    tag: str,
+    images: Sequence[Image.Image],
+    step: int,
+    captions: Sequence[str] | None = None,
 ) -> None:
     """Send images to the trainer's active trackers: TensorBoard (one batch of images) and Weights & Biases.
 
@@ -117,7 +127,7 @@ class PolicyImagesCallback(TrainerCallback):
         every_n_steps: optimizer steps between rounds.
     """
 
-    def __init__(self, trainer, every_n_steps: int = 0):
+    def __init__(self, trainer: "DiffusionPreferenceTrainer", every_n_steps: int = 0):
         self.trainer = trainer
         self.every_n_steps = every_n_steps
         self.last_step = -1  # the step of the last round
@@ -163,7 +173,7 @@ class ValidationImagesCallback(PolicyImagesCallback):
 
     def __init__(
         self,
-        trainer,
+        trainer: "DiffusionPreferenceTrainer",
         prompts: Sequence[str],
         every_n_steps: int = 0,
         num_inference_steps: int = 25,
@@ -230,7 +240,9 @@ class EvaluationCallback(PolicyImagesCallback):
 
     Args:
         trainer: the trl_diffusion trainer to watch (its ``family.pipeline`` generates the images).
-        prompts, scorer, seeds: as for [`~trl_diffusion.evaluation.evaluate_preference`].
+        prompts: evaluation prompts, as for [`~trl_diffusion.evaluation.evaluate_preference`].
+        scorer: ``scorer(images, prompts) -> scores``, as for [`~trl_diffusion.evaluation.evaluate_preference`].
+        seeds: the seeds of every prompt's images, the same for the base and the tuned model.
         eval_every_steps: optimizer steps between evaluations; it also runs at the end of training.
         max_grid_images: images per row in the logged grid.
         generation_kwargs: passed to the pipeline.
@@ -238,13 +250,13 @@ class EvaluationCallback(PolicyImagesCallback):
 
     def __init__(
         self,
-        trainer,
+        trainer: "DiffusionPreferenceTrainer",
         prompts: Sequence[str],
         scorer: Scorer,
         seeds: Sequence[int] = (0, 1),
         eval_every_steps: int = 100,
         max_grid_images: int = 8,
-        **generation_kwargs,
+        **generation_kwargs: Any,
     ):
         super().__init__(trainer, eval_every_steps)
         self.prompts, self.scorer, self.seeds = list(prompts), scorer, list(seeds)
@@ -392,7 +404,7 @@ class NonFiniteGuard(TrainerCallback):
         max_skipped_steps: optimizer steps that may be skipped before training stops (``skip_nonfinite_steps``).
     """
 
-    def __init__(self, trainer, max_skipped_steps: int = 0):
+    def __init__(self, trainer: "DiffusionPreferenceTrainer", max_skipped_steps: int = 0):
         self.trainer = trainer
         self.max_skipped_steps = max_skipped_steps
         self.num_skipped_steps = 0
@@ -528,7 +540,7 @@ class AnnotatorEMACallback(TrainerCallback):
             ``flush_minority_scores`` it calls.
     """
 
-    def __init__(self, trainer):
+    def __init__(self, trainer: "AdaptiveDPOTrainer"):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):

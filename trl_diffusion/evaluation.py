@@ -10,6 +10,7 @@ during training. [`evaluate_video_preference`] does the same for text-to-video p
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -87,7 +88,7 @@ def generate_paired(
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int = 16,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> list[Image.Image]:
     """One image per ``(prompts[i], seeds[i])``, each from its own seeded CPU generator, ``batch_size`` at a time."""
     if len(prompts) != len(seeds):
@@ -110,7 +111,7 @@ def generate_images(
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int = 16,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> list[Image.Image]:
     """One image per (prompt, seed), prompts outer and seeds inner: every prompt with every seed."""
     jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
@@ -135,7 +136,7 @@ def evaluate_preference(
     seeds: Sequence[int] | None = None,
     confidence: float = 0.95,
     batch_size: int = 16,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> PreferenceEvaluation:
     """Generate from the base and the tuned model with the same prompts and seeds, score both, compare.
 
@@ -197,7 +198,7 @@ def generate_videos(
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int = 4,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> list[np.ndarray]:
     """One clip per (prompt, seed), prompts outer and seeds inner, each from its own seeded CPU generator:
     ``(F, H, W, 3)`` uint8 frames (a video pipeline such as ``WanPipeline``, whose output is ``.frames``)."""
@@ -222,7 +223,7 @@ def evaluate_video_preference(
     seeds: Sequence[int] | None = None,
     confidence: float = 0.95,
     batch_size: int = 4,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> PreferenceEvaluation:
     """[`evaluate_preference`] for text-to-video: short clips from the base and the tuned model with the same
     prompts and seeds, scored per video by ``scorer(videos, prompts) -> scores`` (e.g. [`video_redness_scorer`],

@@ -4,7 +4,7 @@ Every function takes per-sample denoising errors (``e = mean over C, H, W of (pr
 returns ``(loss, metrics)``: a scalar loss tensor and a dict of detached tensors of shape ``(B,)``, one value per
 pair. The trainers average the metrics over pairs, steps and processes before logging them.
 
-Notation, shared by the whole library (see ``shared/DESIGN.md``): ``e_w``, ``e_l`` are the policy's errors on the
+Notation, shared by the whole library (see ``docs/design.md``): ``e_w``, ``e_l`` are the policy's errors on the
 chosen (winning) and rejected (losing) image of a pair, ``r_w``, ``r_l`` the reference's. The implicit reward margin is
 ``l = (r_w - r_l) - (e_w - e_l)``: how much more the policy improved on the chosen image than on the rejected one,
 relative to the reference. Every DPO-family loss is a function of ``beta * l``.
@@ -97,8 +97,10 @@ def diffusion_dpo_loss(
       always has), so the policy's error on them cannot drift up unopposed.
 
     Args:
-        policy_chosen_errors, policy_rejected_errors: ``(B,)`` per-sample errors of the policy.
-        ref_chosen_errors, ref_rejected_errors: ``(B,)`` per-sample errors of the frozen reference.
+        policy_chosen_errors: ``(B,)`` per-sample errors of the policy on the chosen images, ``e_w``.
+        policy_rejected_errors: ``(B,)`` per-sample errors of the policy on the rejected images, ``e_l``.
+        ref_chosen_errors: ``(B,)`` per-sample errors of the frozen reference on the chosen images, ``r_w``.
+        ref_rejected_errors: ``(B,)`` per-sample errors of the frozen reference on the rejected images, ``r_l``.
         beta: KL-regularisation strength.
         loss_type: one of ``sigmoid``, ``hinge``, ``ipo``, ``conservative``, ``robust``.
         label_smoothing: ``eps``, the assumed probability that a label is flipped (``conservative``/``robust``).
@@ -177,10 +179,12 @@ def diffusion_kto_loss(
     ``C, H, W``, as in the authors' code (their default is 1000).
 
     Args:
-        policy_errors, ref_errors: ``(B,)`` per-image errors of the policy and of the frozen reference.
+        policy_errors: ``(B,)`` per-image errors of the policy, ``e``.
+        ref_errors: ``(B,)`` per-image errors of the frozen reference, ``r``.
         desirable: ``(B,)`` booleans, ``True`` for a desirable image.
         beta: the implicit reward's scale.
-        desirable_weight, undesirable_weight: ``lambda_D`` and ``lambda_U``.
+        desirable_weight: ``lambda_D``, the weight of a desirable image's loss.
+        undesirable_weight: ``lambda_U``, the weight of an undesirable image's loss.
         reference_point: the KL estimate ``z_0``, already clamped; by default ``max(0, mean(g))`` over this batch.
 
     Returns:

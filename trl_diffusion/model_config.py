@@ -5,7 +5,7 @@ load it (revision, variant, dtype) and the LoRA adapter to train. The helpers tu
 the trainers take: [`load_pipeline`] and [`get_peft_config`].
 
 Tiny models: `model_name_or_path: tiny-sd` (also every other name in `TINY_MODELS`) builds a tiny,
-randomly initialised pipeline from configs with `trl_diffusion.tiny_models`, saves it once under
+randomly initialised pipeline from configs with `trl_diffusion.testing.tiny_models`, saves it once under
 `$TRL_DIFFUSION_CACHE` (default `~/.cache/trl_diffusion`) and loads it from there, so a script or the CLI runs from a
 fresh clone with no download. A local folder of the same name takes precedence.
 """
@@ -41,45 +41,34 @@ TINY_MODELS = {
 
 @dataclass
 class DiffusionModelConfig:
-    r"""
-    Model arguments of the trl_diffusion scripts: which pipeline to load, how, and which LoRA adapter to train.
+    """Model arguments of the trl_diffusion scripts: which pipeline to load, how, and which LoRA adapter to train.
 
     Using [`~transformers.HfArgumentParser`] (or TRL's `TrlParser`) this class becomes command-line flags and YAML
     keys, like TRL's `ModelConfig`.
 
-    Parameters:
-        model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            A diffusers pipeline: a Hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), a local folder, or one of
-            the offline tiny models `tiny-sd`, `tiny-sd-v`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-flux2`,
-            `tiny-flux2-klein`, `tiny-qwen-image`, `tiny-z-image` (built from configs on first use and cached under
-            `$TRL_DIFFUSION_CACHE`, default `~/.cache/trl_diffusion`).
-        model_revision (`str`, *optional*, defaults to `"main"`):
-            Branch, tag or commit of a Hub model.
-        variant (`str` or `None`, *optional*, defaults to `None`):
-            Weight variant to load, such as `"fp16"` (files named `*.fp16.safetensors`).
-        dtype (`str`, *optional*, defaults to `"float32"`):
-            dtype the pipeline is loaded in: `"float32"`, `"bfloat16"`, `"float16"` or `"auto"` (the saved dtype).
+    Args:
+        model_name_or_path: A diffusers pipeline: a Hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), a local
+            folder, or one of the offline tiny models `tiny-sd`, `tiny-sd-v`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`,
+            `tiny-flux2`, `tiny-flux2-klein`, `tiny-qwen-image`, `tiny-z-image` (built from configs on first use and
+            cached under `$TRL_DIFFUSION_CACHE`, default `~/.cache/trl_diffusion`). Defaults to `None`.
+        model_revision: Branch, tag or commit of a Hub model. Defaults to `"main"`.
+        variant: Weight variant to load, such as `"fp16"` (files named `*.fp16.safetensors`). Defaults to `None`.
+        dtype: dtype the pipeline is loaded in: `"float32"`, `"bfloat16"`, `"float16"` or `"auto"` (the saved dtype).
             The trainer then keeps trainable weights in float32 and runs frozen ones in the mixed-precision dtype.
-        use_peft (`bool`, *optional*, defaults to `False`):
-            Train a LoRA adapter on the denoiser instead of the whole denoiser.
-        lora_r (`int`, *optional*, defaults to `8`):
-            LoRA rank.
-        lora_alpha (`int`, *optional*, defaults to `8`):
-            LoRA alpha (the update is scaled by `lora_alpha / lora_r`).
-        lora_dropout (`float`, *optional*, defaults to `0.0`):
-            Dropout on the LoRA input.
-        lora_target_modules (`list[str]` or `None`, *optional*, defaults to `None`):
-            Module names to adapt. `None` takes the model family's attention projections (`to_q`, `to_k`, `to_v`,
-            `to_out.0`).
-        init_lora_weights (`str`, *optional*, defaults to `"gaussian"`):
-            peft's initialisation of the adapter: `"gaussian"` (as the diffusers training scripts) or `"true"`
-            (peft's default, Kaiming-uniform A).
-        use_rslora (`bool`, *optional*, defaults to `False`):
-            Rank-stabilised LoRA: scale by `lora_alpha / √r`.
-        use_dora (`bool`, *optional*, defaults to `False`):
-            Weight-decomposed LoRA (DoRA).
+            Defaults to `"float32"`.
+        use_peft: Train a LoRA adapter on the denoiser instead of the whole denoiser. Defaults to `False`.
+        lora_r: LoRA rank. Defaults to `8`.
+        lora_alpha: LoRA alpha (the update is scaled by `lora_alpha / lora_r`). Defaults to `8`.
+        lora_dropout: Dropout on the LoRA input. Defaults to `0.0`.
+        lora_target_modules: Module names to adapt. `None` takes the model family's attention projections (`to_q`,
+            `to_k`, `to_v`, `to_out.0`). Defaults to `None`.
+        init_lora_weights: peft's initialisation of the adapter: `"gaussian"` (as the diffusers training scripts) or
+            `"true"` (peft's default, Kaiming-uniform A). Defaults to `"gaussian"`.
+        use_rslora: Rank-stabilised LoRA: scale by `lora_alpha / √r`. Defaults to `False`.
+        use_dora: Weight-decomposed LoRA (DoRA). Defaults to `False`.
 
-        > Quantization (QLoRA) is set in the training config, not here: `load_in_4bit`, `load_in_8bit`,
+    Note:
+        Quantization (QLoRA) is set in the training config, not here: `load_in_4bit`, `load_in_8bit`,
         `bnb_4bit_quant_type`, `bnb_4bit_compute_dtype` and `bnb_4bit_use_double_quant` of
         [`DiffusionPreferenceConfig`]. With one of them set, the script hands the trainer the model path and the
         trainer loads the denoiser quantized.
@@ -129,7 +118,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if name_or_path not in TINY_MODELS or os.path.isdir(name_or_path):
         return name_or_path
-    from . import tiny_models
+    from .testing import tiny_models
 
     target = os.path.join(tiny_model_cache_dir(), name_or_path)
     if os.path.isfile(os.path.join(target, "model_index.json")):
