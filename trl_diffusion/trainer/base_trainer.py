@@ -10,12 +10,13 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_compiled_module
+from datasets import Dataset
 from diffusers import DiffusionPipeline
 from huggingface_hub import save_torch_state_dict
 from peft import PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback
+from transformers import DataCollator, Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from ..callbacks import CollapseWarningCallback, read_widget
@@ -151,10 +152,12 @@ class DiffusionPreferenceTrainer(Trainer):
             the initial denoiser. With LoRA the reference is the same network with its adapters disabled.
         args: the method's config.
         data_collator: defaults to [`DiffusionPreferenceCollator`].
-        train_dataset, eval_dataset: `datasets.Dataset` in the Pick-a-Pic or TRL-style schema (see `data.py`), or
-            a ready [`PreferenceDataset`].
+        train_dataset: a `datasets.Dataset` in the Pick-a-Pic or TRL-style schema (see `data.py`), or a ready
+            [`PreferenceDataset`].
+        eval_dataset: as ``train_dataset``, or a dict of them by name.
         processing_class: unused (prompts are tokenized by the pipeline's own tokenizers); accepted for TRL's API.
-        callbacks, optimizers: as for [`~transformers.Trainer`].
+        callbacks: as for [`~transformers.Trainer`].
+        optimizers: ``(optimizer, lr_scheduler)``, as for [`~transformers.Trainer`].
         peft_config: a `peft.LoraConfig`. LoRA adapters are added to the denoiser and only they train. When its
             ``target_modules`` is ``None``, the model family's default attention projections are used.
     """
@@ -178,12 +181,12 @@ class DiffusionPreferenceTrainer(Trainer):
         model: str | DiffusionPipeline,
         ref_model: str | torch.nn.Module | None = None,
         args: DiffusionPreferenceConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | PreferenceDataset | None = None,
+        eval_dataset: Dataset | PreferenceDataset | dict[str, Dataset | PreferenceDataset] | None = None,
+        processing_class: Any = None,
         callbacks: list[TrainerCallback] | None = None,
-        optimizers=(None, None),
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LRScheduler | None] = (None, None),
         peft_config: PeftConfig | None = None,
     ):
         if args is None:
