@@ -228,3 +228,28 @@ class CollapseWarningCallback(TrainerCallback):
         if kind not in self.warned:
             self.warned.add(kind)
             logger.warning(message, *values)
+
+
+class AnnotatorEMACallback(TrainerCallback):
+    """Adaptive-DPO's EMA annotators: update them after every optimizer step, and write the buffered minority scores.
+
+    Args:
+        trainer: the [`AdaptiveDPOTrainer`] whose public ``pair_annotators``, ``update_annotators`` and
+            ``flush_minority_scores`` it calls.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # FSDP (and DeepSpeed) replace the policy's parameters when `train()` prepares the model: pair them anew.
+        self.trainer.pair_annotators(self.trainer.accelerator.unwrap_model(self.trainer.model))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.update_annotators()
+
+    def on_log(self, args, state, control, **kwargs):
+        self.trainer.flush_minority_scores()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.flush_minority_scores()

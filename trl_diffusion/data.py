@@ -75,6 +75,17 @@ def _column_values(dataset, column: str) -> list:
     return list(dataset[column])
 
 
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """Encode an image (PIL, or a ``(H, W, 3)`` uint8 array) as RGB PNG bytes: a cell that `load_image` reads back.
+
+    Useful to build Pick-a-Pic-style datasets (``jpg_0``/``jpg_1`` columns) offline.
+    """
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def load_image(value, row: int, column: str) -> Image.Image:
     """Decode one image cell into an RGB PIL image, or raise a `ValueError` naming the row and column."""
     try:

@@ -5,7 +5,7 @@ load it (revision, variant, dtype) and the LoRA adapter to train. The helpers tu
 the trainers take: [`load_pipeline`] and [`get_peft_config`].
 
 Tiny models: `model_name_or_path: tiny-sd` (also every other name in `TINY_MODELS`) builds a tiny,
-randomly initialised pipeline from configs with `trl_diffusion.tiny_models`, saves it once under
+randomly initialised pipeline from configs with `trl_diffusion.testing.tiny_models`, saves it once under
 `$TRL_DIFFUSION_CACHE` (default `~/.cache/trl_diffusion`) and loads it from there, so a script or the CLI runs from a
 fresh clone with no download. A local folder of the same name takes precedence.
 """
@@ -14,8 +14,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from .dtypes import DTYPES, compute_dtype
+
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from .trainer.base_config import DiffusionPreferenceConfig
 
 
 TINY_MODELS = {
@@ -30,8 +37,6 @@ TINY_MODELS = {
     "tiny-z-image": ("build_tiny_z_image", {}),
     "tiny-wan": ("build_tiny_wan", {}),
 }
-
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 @dataclass
@@ -94,7 +99,7 @@ class DiffusionModelConfig:
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
 
     def __post_init__(self):
-        if self.dtype not in ("auto", *_DTYPES):
+        if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {self.dtype!r}.")
         # `--lora_target_modules all-linear` arrives as a one-element list; peft takes the string form.
         if isinstance(self.lora_target_modules, list) and self.lora_target_modules == ["all-linear"]:
@@ -113,7 +118,7 @@ def resolve_model_path(name_or_path: str) -> str:
     """
     if name_or_path not in TINY_MODELS or os.path.isdir(name_or_path):
         return name_or_path
-    from . import tiny_models
+    from .testing import tiny_models
 
     target = os.path.join(tiny_model_cache_dir(), name_or_path)
     if os.path.isfile(os.path.join(target, "model_index.json")):
@@ -129,18 +134,42 @@ def resolve_model_path(name_or_path: str) -> str:
     return target
 
 
-def load_pipeline(model_args: DiffusionModelConfig):
-    """Load the `DiffusionPipeline` that ``model_args`` names, with its revision, variant and dtype."""
+def load_pipeline(
+    model_args: "DiffusionModelConfig | str | os.PathLike", args: "DiffusionPreferenceConfig | None" = None
+) -> "DiffusionPipeline":
+    """Load the `DiffusionPipeline` that ``model_args`` names, with its revision, variant and dtype.
+
+    The one pipeline loader of the library: the scripts call it with their model arguments, the trainers with the
+    path or Hub id they are given.
+
+    Args:
+        model_args: the model arguments, or a pipeline folder, Hub id or tiny-model name (then loaded in its saved
+            dtype, at the default revision).
+        args: a training config; when it asks for quantization (``load_in_4bit`` / ``load_in_8bit``, QLoRA), the
+            denoiser's frozen base loads in 4 or 8 bits and its other layers in the run's compute dtype (revision,
+            variant and dtype of ``model_args`` are then not used).
+
+    Returns:
+        The loaded pipeline, on the CPU.
+
+    Raises:
+        ValueError: if no model is named.
+    """
     from diffusers import DiffusionPipeline
 
+    from .quantization import load_quantized_pipeline, wants_quantization
+    from .trainer.distributed import zero3_init_disabled
+
+    if isinstance(model_args, (str, os.PathLike)):
+        model_args = DiffusionModelConfig(model_name_or_path=str(model_args), dtype="auto")
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a Hub id, a local diffusers folder or `tiny-sd`).")
     path = resolve_model_path(model_args.model_name_or_path)
+    if args is not None and wants_quantization(args):
+        return load_quantized_pipeline(path, args, compute_dtype(args))
     kwargs = {"revision": model_args.model_revision, "variant": model_args.variant}
     if model_args.dtype != "auto":
-        kwargs["dtype"] = _DTYPES[model_args.dtype]
-    from .trainer.distributed import zero3_init_disabled
-
+        kwargs["dtype"] = DTYPES[model_args.dtype]
     with zero3_init_disabled():  # the frozen text encoders must load whole under ZeRO-3
         return DiffusionPipeline.from_pretrained(path, **kwargs)
 

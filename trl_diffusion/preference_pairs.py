@@ -25,7 +25,6 @@ processes, so N processes produce exactly the pairs of one. [`save_preference_pa
 and the main process combines them (``save_to_disk``, parquet, or ``push_to_hub``).
 """
 
-import io
 import itertools
 import logging
 import math
@@ -38,8 +37,8 @@ from typing import Any
 import numpy as np
 from datasets import Dataset, Features, Value
 from diffusers import DiffusionPipeline
-from PIL import Image
 
+from .data import encode_png
 from .evaluation import generate_paired
 from .scorers import Scorer
 
@@ -118,12 +117,6 @@ class PreferencePairs:
         return self.num_candidate_pairs - self.num_dropped
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _check_scores(scores, num_images: int, prompt_index: int, seeds: list[int]) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.shape != (num_images,):
@@ -144,8 +137,8 @@ def _prompt_rows(pipeline, prompt, prompt_index, scorer, seeds, pairing, min_rew
     pairs, dropped = form_pairs(scores, pairing, min_reward_gap)
     rows = [
         {
-            "jpg_0": _png(images[a]),
-            "jpg_1": _png(images[b]),
+            "jpg_0": encode_png(images[a]),
+            "jpg_1": encode_png(images[b]),
             "label_0": float(scores[a] > scores[b]),
             "caption": prompt,
             "score_0": float(scores[a]),

@@ -485,7 +485,7 @@ def per_frame_scorer(image_scorer: Scorer, num_frames: int | None = 4) -> VideoS
 
 
 def _frame_scorer() -> Scorer:
-    from .synthetic import frame_scorer
+    from .testing.synthetic import frame_scorer
 
     return frame_scorer
 
