@@ -12,6 +12,7 @@ from transformers import TrainerCallback
 
 
 if TYPE_CHECKING:
+    from .trainer.adaptive_dpo_trainer import AdaptiveDPOTrainer
     from .trainer.base_trainer import DiffusionPreferenceTrainer
 
 
@@ -238,7 +239,7 @@ class AnnotatorEMACallback(TrainerCallback):
             ``flush_minority_scores`` it calls.
     """
 
-    def __init__(self, trainer):
+    def __init__(self, trainer: "AdaptiveDPOTrainer"):
         self.trainer = trainer
 
     def on_train_begin(self, args, state, control, **kwargs):

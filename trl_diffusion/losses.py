@@ -488,8 +488,16 @@ def adaptive_dpo_loss_from_errors(
         ref_errors: ``(2B,)`` errors of the reference.
         ema_annotator_errors: ``(2B,)`` no-grad errors of each EMA annotator, by name (empty: the policy judges
             alone).
-        beta, weight_type, k, c, margin_type, flip_threshold: as for [`adaptive_dpo_loss`].
-        rho, normalize, prior_confidence, warmup: as for [`minority_score_terms`].
+        beta: KL-regularisation strength, on the Diffusion-DPO scale.
+        rho: scale ``rho`` of the annotators' margins inside the minority score.
+        normalize: divide each annotator's margins by their L2 norm over the batch before scaling by ``rho``.
+        prior_confidence: optional ``(B,)`` per-pair prior confidence in ``[0, 1]``, multiplied into the confidence.
+        warmup: hold ``u`` at 0 (the first optimizer steps, see [`minority_warmup`]).
+        weight_type: pair weight ``1 / (k u + c)`` (``linear``) or ``1 / (k u^2 + c)`` (``quadratic``).
+        k: scale of ``u`` in the pair weight.
+        c: offset of the pair weight.
+        margin_type: adaptive margin ``gamma``: ``quadratic``, ``linear`` or ``none`` (see [`adaptive_dpo_loss`]).
+        flip_threshold: minority score above which a pair's margin is negated; ``None`` flips nothing.
 
     Returns:
         ``(loss, metrics)``: the metrics of [`adaptive_dpo_loss`] and [`dpo_reward_metrics`], with
