@@ -20,21 +20,20 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
     network with adapters disabled; with full fine-tuning it is a frozen copy.
 
     Example:
+        ```python
+        from datasets import load_dataset
+        from peft import LoraConfig
+        from trl_diffusion import DiffusionKTOConfig, DiffusionKTOTrainer
 
-    ```python
-    from datasets import load_dataset
-    from peft import LoraConfig
-    from trl_diffusion import DiffusionKTOConfig, DiffusionKTOTrainer
-
-    dataset = load_dataset("yuvalkirstain/pickapic_v2", split="train[:1000]")  # unpaired into likes and dislikes
-    trainer = DiffusionKTOTrainer(
-        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        args=DiffusionKTOConfig(output_dir="sd15-kto", per_device_train_batch_size=16, max_steps=2000),
-        train_dataset=dataset,
-        peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
-    )
-    trainer.train()
-    ```
+        dataset = load_dataset("yuvalkirstain/pickapic_v2", split="train[:1000]")  # unpaired into likes and dislikes
+        trainer = DiffusionKTOTrainer(
+            model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            args=DiffusionKTOConfig(output_dir="sd15-kto", per_device_train_batch_size=16, max_steps=2000),
+            train_dataset=dataset,
+            peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
+        )
+        trainer.train()
+        ```
 
     See [`DiffusionPreferenceTrainer`] for the arguments.
     """
