@@ -11,7 +11,7 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
     """Trainer for Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908).
 
     The per-sample denoising error stands in for the negative log-likelihood, measured against a frozen reference:
-    ``L = -mean log σ(β·((r_w − r_l) − (e_w − e_l)))`` (Eq. 14; see [`diffusion_dpo_loss`] for the other loss types).
+    ``L = -mean log σ(β·((r_w − r_l) − (e_w − e_l)))`` (Eq. 14; see [`diffusion_dpo_loss`][] for the other loss types).
     With LoRA the reference is the base network with adapters disabled; with full fine-tuning it is a frozen copy.
 
     Example:
@@ -30,7 +30,7 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
         trainer.train()
         ```
 
-    See [`DiffusionPreferenceTrainer`] for the arguments.
+    See [`DiffusionPreferenceTrainer`][] for the arguments.
     """
 
     _tag_names = ["trl", "trl-diffusion", "diffusion-dpo"]

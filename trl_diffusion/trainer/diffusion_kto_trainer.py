@@ -14,10 +14,10 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
     """Trainer for Diffusion-KTO (Li et al. 2024, arXiv 2404.04465): alignment from per-image likes and dislikes.
 
     It trains on unpaired rows (prompt, image, desirable) (see `trl_diffusion.unpaired`); a pairwise dataset is
-    unpaired on the way in. Each image has its own noise and timestep, as in the authors' code. The loss is
-    ``L = mean(λ_y·(1 − σ(±β·(g − z₀))))`` with the implicit reward ``g = r − e`` and the KL estimate
-    ``z₀ = max(0, mean g)``, averaged over processes (see [`diffusion_kto_loss`]). With LoRA the reference is the base
-    network with adapters disabled; with full fine-tuning it is a frozen copy.
+    unpaired on the way in. Each image has its own noise and timestep, as in the authors' code. The loss is ``L =
+    mean(λ_y·(1 − σ(±β·(g − z₀))))`` with the implicit reward ``g = r − e`` and the KL estimate ``z₀ = max(0, mean
+    g)``, averaged over processes (see [`diffusion_kto_loss`][]). With LoRA the reference is the base network with
+    adapters disabled; with full fine-tuning it is a frozen copy.
 
     Example:
         ```python
@@ -35,7 +35,7 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
         trainer.train()
         ```
 
-    See [`DiffusionPreferenceTrainer`] for the arguments.
+    See [`DiffusionPreferenceTrainer`][] for the arguments.
     """
 
     _tag_names = ["trl", "trl-diffusion", "diffusion-kto"]

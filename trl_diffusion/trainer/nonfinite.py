@@ -3,7 +3,7 @@
 Each micro-batch's loss and per-sample errors (policy, reference, auxiliary networks) are recorded on the device as
 finiteness masks. Before every optimizer step the guard checks them and the gradients, agrees with the other processes
 through one small all-reduce, and then either lets the step run, skips it (``skip_nonfinite_steps``: the gradients are
-dropped, so the optimizer changes nothing) or raises [`NonFiniteError`] naming the step, the terms and the dataset
+dropped, so the optimizer changes nothing) or raises [`NonFiniteError`][] naming the step, the terms and the dataset
 rows. Every save (checkpoints and `save_model`) refuses weights that are not finite.
 
 With fp16 mixed precision, an overflowing gradient whose loss is finite is the `GradScaler`'s business: it skips the
@@ -69,7 +69,7 @@ class NonFiniteGuard(TrainerCallback):
     """Stop (or skip) an optimizer step whose loss, errors or gradients are not finite; refuse non-finite saves.
 
     Args:
-        trainer: the [`DiffusionPreferenceTrainer`] it guards.
+        trainer: the [`DiffusionPreferenceTrainer`][] it guards.
         max_skipped_steps: optimizer steps that may be skipped before training stops (``skip_nonfinite_steps``).
     """
 
@@ -155,7 +155,7 @@ class NonFiniteGuard(TrainerCallback):
     # ----- saving -----
 
     def check_weights(self, output_dir: str | None) -> None:
-        """Raise [`NonFiniteError`] instead of saving weights that are not all finite (all processes agree)."""
+        """Raise [`NonFiniteError`][] instead of saving weights that are not all finite (all processes agree)."""
         trainer = self.trainer
         parameters = [p for p in trainer.model.parameters() if p.requires_grad]
         finite = all_finite([getattr(p, "ds_tensor", p) for p in parameters]).to(trainer.accelerator.device)
@@ -179,7 +179,7 @@ class NonFiniteGuard(TrainerCallback):
         """The micro-batch loss the Trainer adds to its running total: 0 where it is not finite (no host sync).
 
         A NaN in the Trainer's running total would make every later logged loss NaN; transformers' own filter would
-        log the first step of a window as 0. [`update_logs`] divides by the finite micro-batches only.
+        log the first step of a window as 0. [`update_logs`][] divides by the finite micro-batches only.
         """
         finite = torch.isfinite(loss)
         self._window_micro_batches += 1
