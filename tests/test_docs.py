@@ -40,13 +40,15 @@ def test_mkdocs_strict_build(tmp_path):
 
 
 # HF/transformers docstring conventions that griffe's Google parser accepts without a warning, so they are looked for
-# by name: a `Parameters:` header (ours is `Args:`), `name (`type`, *optional*, defaults to ...)` entries, and
-# `> Group` separator lines.
+# by name: a `Parameters:` header (ours is `Args:`), `name (`type`, *optional*, defaults to ...)` entries, `> Group`
+# separator lines and HF cross-references.
 FOREIGN_STYLE = {
     "a 'Parameters:' section (use 'Args:')": re.compile(r"^\s*Parameters:\s*$", re.MULTILINE),
     "an HF-style '(`type`, *optional*, ...)' entry": re.compile(r"\*optional\*"),
     "an HF-style '> Group' line (use a titled 'Args: Group:' section)": re.compile(r"^\s*> \S", re.MULTILINE),
     "a reST ':param' field": re.compile(r"^\s*:(param|type|returns?|rtype)\b", re.MULTILINE),
+    # HF's [`name`] renders as literal brackets here; mkdocs-autorefs links [`name`][] (scoped) or [`name`][path]
+    "an HF-style [`name`] cross-reference (use [`name`][])": re.compile(r"\[`[^`\]]+`\](?![\[(])"),
 }
 
 
