@@ -186,7 +186,7 @@ def _from_column(values: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...])
 
 
 class EncodedPreferenceDataset(torch.utils.data.Dataset):
-    """The pairs of a [`PreferenceDataset`], read from an encoding cache: examples for the collator.
+    """The pairs of a [`PreferenceDataset`][], read from an encoding cache: examples for the collator.
 
     Each example holds ``latents`` ``(2, C, h, w)`` (and ``latents_flipped``), ``prompt_embeds`` (one prompt's
     ``encode_prompt`` output, per key), ``ref_errors`` ``(2,)`` where reference errors were precomputed, and the
@@ -194,7 +194,7 @@ class EncodedPreferenceDataset(torch.utils.data.Dataset):
 
     Attributes:
         encodings: the cache as a `datasets.Dataset`, one row per readable pair.
-        source: the [`PreferenceDataset`] it was computed from.
+        source: the [`PreferenceDataset`][] it was computed from.
         fingerprint: the cache's fingerprint.
         num_skipped: pairs left out because an image was unreadable (``skip_invalid_rows``).
     """
@@ -215,7 +215,7 @@ class EncodedPreferenceDataset(torch.utils.data.Dataset):
 
     @property
     def dataset(self):
-        """The source `datasets.Dataset` (as [`PreferenceDataset.dataset`]), e.g. for the model card's dataset name."""
+        """The source `datasets.Dataset` (as `PreferenceDataset.dataset`), e.g. for the model card's dataset name."""
         return self.source.dataset
 
     @property

@@ -21,7 +21,7 @@ class DiffusionPreferenceConfig(_BaseConfig):
     """Fields shared by every trl_diffusion trainer: data preparation, augmentation and training-step options.
 
     It subclasses TRL's own base configuration (TRL's defaults: `logging_steps=10`, bf16 unless `fp16` is set), which
-    subclasses [`~transformers.TrainingArguments`]. Only the defaults that differ for diffusion training are changed.
+    subclasses `transformers.TrainingArguments`. Only the defaults that differ for diffusion training are changed.
 
     The parameters come in groups: data and training step; model-family options (see `docs/supported_models.md`);
     video families (see `docs/data.md`); speed and memory (see `docs/performance.md`); saving (see
