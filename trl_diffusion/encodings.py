@@ -45,6 +45,8 @@ import torch
 from datasets import Dataset
 
 from .data import PreferenceDataset
+from .dtypes import DTYPES
+from .noise import FIXED_NOISE_STEP, noise_step
 
 
 if TYPE_CHECKING:
@@ -56,10 +58,7 @@ logger = logging.getLogger(__name__)
 
 # Bump when the stored layout or the encoding procedure changes: old caches are then ignored, never misread.
 CACHE_FORMAT_VERSION = 1
-# The optimizer step whose pair seeds fix the noise and timestep of every pair when reference errors are precomputed
-FIXED_NOISE_STEP = 0
 _STORED_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
-_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def precompute_encodings_enabled(args: "DiffusionPreferenceConfig") -> bool:
@@ -176,7 +175,7 @@ def _parse_column(column: str) -> tuple[str, torch.dtype, tuple[int, ...]] | Non
     if len(parts) != 3:
         return None
     name, dtype, shape = parts
-    return name, _DTYPE_NAMES[dtype], tuple(int(size) for size in shape.split("x")) if shape else ()
+    return name, DTYPES[dtype], tuple(int(size) for size in shape.split("x")) if shape else ()
 
 
 def _from_column(values: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
@@ -385,7 +384,7 @@ def add_reference_errors(
     """Add each pair's reference errors ``(r_w, r_l)`` to its cache row, in one no-grad pass before training.
 
     The noise, timestep, flip and caption dropout of a pair come from ``pair_seed(seed, step, row)`` with a fixed
-    step (``FIXED_NOISE_STEP`` for training data, the evaluation step ``-1`` for evaluation data), so the stored
+    step (``FIXED_NOISE_STEP`` for training data, ``EVAL_NOISE_STEP`` for evaluation data), so the stored
     errors are exactly what the live reference would compute at every step of the run. The result is cached like
     the encodings, named by the encodings' fingerprint, the reference's weights, the seed and every option that
     changes noise, timesteps or errors.
@@ -402,7 +401,7 @@ def add_reference_errors(
         "lora_base": trainer.is_peft,
         "seed": args.seed,
         "mode": mode,
-        "step": FIXED_NOISE_STEP if mode == "train" else -1,
+        "step": noise_step(mode, fixed_step=FIXED_NOISE_STEP),
         "dtype": str(trainer.weight_dtype),
         "options": {
             key: getattr(args, key, None)
@@ -454,7 +453,7 @@ def prepare_cached_datasets(trainer: "DiffusionPreferenceTrainer") -> None:
     """Swap the trainer's datasets for their encoding caches and, with ``precompute_ref_errors``, add reference
     errors and release the reference model (called once, at the end of the trainer's construction)."""
     args = trainer.args
-    if args.precompute_ref_errors and not trainer._uses_reference:
+    if args.precompute_ref_errors and not trainer.uses_reference:
         raise ValueError(f"{type(trainer).__name__} has no reference model: precompute_ref_errors does not apply.")
     if args.precompute_ref_errors and getattr(args, "sync_ref_model", False):
         raise ValueError(
