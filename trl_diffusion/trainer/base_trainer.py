@@ -21,7 +21,7 @@ from transformers import DataCollator, Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
 from ..callbacks import CollapseWarningCallback, NonFiniteGuard, read_widget
-from ..data import DiffusionPreferenceCollator, PreferenceDataset
+from ..data import DiffusionPreferenceCollator, PreferenceDataset, PreparationStats
 from ..dtypes import compute_dtype
 from ..encodings import prepare_cached_datasets
 from ..lora_formats import KOHYA_WEIGHT_NAME, export_kohya_lora
@@ -36,6 +36,7 @@ from ..noise import (
     pair_seed,  # noqa: F401 (re-exported from its former home)
 )
 from ..quantization import check_quantized_setup, is_quantized
+from ..streaming import StreamingPreferenceDataset, refuse_eval_stream, unshard_stream_loader
 from ..video import VideoPreferenceDataset
 from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
@@ -273,10 +274,13 @@ class DiffusionPreferenceTrainer(Trainer):
         """Wrap raw `datasets.Dataset`s in the method's dataset class; keep the training data's statistics."""
         train_dataset = self._wrap_dataset(train_dataset, args)
         self.train_dataset_stats = train_dataset.stats if isinstance(train_dataset, PreferenceDataset) else None
+        if isinstance(train_dataset, StreamingPreferenceDataset):
+            self.train_dataset_stats = PreparationStats()  # a stream's drops are counted from its batches
         if isinstance(eval_dataset, dict):
             eval_dataset = {name: self._wrap_dataset(dataset, args) for name, dataset in eval_dataset.items()}
         else:
             eval_dataset = self._wrap_dataset(eval_dataset, args)
+        refuse_eval_stream(eval_dataset)
         return train_dataset, eval_dataset
 
     def _setup_step_state(self, args: DiffusionPreferenceConfig) -> None:
@@ -290,6 +294,7 @@ class DiffusionPreferenceTrainer(Trainer):
         self.fixed_noise_step: int | None = FIXED_NOISE_STEP if args.precompute_ref_errors else None
         self._metrics: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
         self._skipped_rows = defaultdict(int)
+        self._dropped_ties = defaultdict(int)  # ties of a stream, counted as its batches are read
         self.nonfinite_guard = NonFiniteGuard(self, max_skipped_steps=args.skip_nonfinite_steps)
         self.add_callback(self.nonfinite_guard)
         # The family's encoding of the empty prompt, for caption dropout on cached data (set by the encoding cache)
@@ -352,6 +357,8 @@ class DiffusionPreferenceTrainer(Trainer):
             parameter.requires_grad_("lora_" in name and ".default." in name)
 
     def _wrap_dataset(self, dataset, args: DiffusionPreferenceConfig):
+        if StreamingPreferenceDataset.accepts(dataset):
+            return StreamingPreferenceDataset.for_trainer(dataset, args, self.dataset_class, self.family.is_video)
         if dataset is None or isinstance(dataset, PreferenceDataset) or not hasattr(dataset, "column_names"):
             return dataset
         if self.family.is_video:
@@ -366,7 +373,7 @@ class DiffusionPreferenceTrainer(Trainer):
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # Row indices and the skip count stay on the host: the per-pair noise is drawn there, without a device sync.
-        host = {key: inputs.pop(key) for key in ("row_index", "num_skipped") if key in inputs}
+        host = {key: inputs.pop(key) for key in ("row_index", "num_skipped", "num_ties") if key in inputs}
         inputs = super()._prepare_inputs(inputs)
         inputs.update(host)
         return inputs
@@ -499,6 +506,7 @@ class DiffusionPreferenceTrainer(Trainer):
             self.nonfinite_guard.observe(inputs["row_index"], terms)
         self._record_metrics(mode, metrics, step.timesteps[: len(step.timesteps) // step.group_size])
         self._skipped_rows[mode] += int(inputs.get("num_skipped", 0))
+        self._dropped_ties[mode] += int(inputs.get("num_ties", 0))
         return (loss, metrics) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
@@ -518,7 +526,15 @@ class DiffusionPreferenceTrainer(Trainer):
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
         """`transformers.Trainer.evaluate`, accepting a raw `datasets.Dataset` in either preference schema."""
-        return super().evaluate(self._wrap_dataset(eval_dataset, self.args), ignore_keys, metric_key_prefix)
+        eval_dataset = self._wrap_dataset(eval_dataset, self.args)
+        refuse_eval_stream(eval_dataset)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def get_train_dataloader(self):
+        # A stream is already split across processes: accelerate must not re-shard its loader.
+        dataloader = super().get_train_dataloader()
+        unshard_stream_loader(dataloader)
+        return dataloader
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -561,12 +577,15 @@ class DiffusionPreferenceTrainer(Trainer):
                     logs[prefix + key] = total / count
             store.clear()
         if mode == "train" and self.train_dataset_stats is not None:
-            logs["data/dropped_ties"] = self.train_dataset_stats.num_ties
-            logs["data/skipped_rows"] = (
-                self.train_dataset_stats.num_invalid_labels
-                + self.train_dataset_stats.num_invalid_captions
-                + self._skipped_rows["train"]
-            )
+            stats = self.train_dataset_stats
+            counts = [
+                stats.num_ties + self._dropped_ties["train"],
+                stats.num_invalid_labels + stats.num_invalid_captions,
+            ]
+            counts[1] += self._skipped_rows["train"]
+            if isinstance(self.train_dataset, StreamingPreferenceDataset):  # each process read its own part
+                counts = self.accelerator.reduce(torch.tensor(counts, device=self.accelerator.device), "sum").tolist()
+            logs["data/dropped_ties"], logs["data/skipped_rows"] = counts
         if mode == "train":
             self.nonfinite_guard.update_logs(logs)
         super().log(logs, start_time)
