@@ -1,6 +1,6 @@
 """Preference-efficacy benchmark: does each method deliver its own claim, at the same budget, over several seeds?
 
-On the synthetic task of `trl_diffusion.synthetic` (a tiny text-to-image model pre-trained on captioned squares; the
+On the synthetic task of `trl_diffusion.testing.synthetic` (a tiny text-to-image model pre-trained on captioned squares; the
 true reward, saturation by default, is a property no prompt mentions):
 
 1. pre-train (or reuse) the tiny base model;
@@ -52,7 +52,7 @@ from peft import LoraConfig
 import trl_diffusion
 from trl_diffusion import METHODS, UnpairedPreferenceDataset
 from trl_diffusion.evaluation import generate_images, saturation_scorer, summarize
-from trl_diffusion.synthetic import (
+from trl_diffusion.testing.synthetic import (
     GUIDANCE_SCALE,
     HELD_OUT_COLOURS,
     SIZE,

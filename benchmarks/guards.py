@@ -1,6 +1,6 @@
 """Guard benchmark: a Diffusion-DPO run pushed too far collapses without a guard and holds with one.
 
-On the synthetic task of `trl_diffusion.synthetic` (a tiny text-to-image model pre-trained on captioned squares; the
+On the synthetic task of `trl_diffusion.testing.synthetic` (a tiny text-to-image model pre-trained on captioned squares; the
 true reward is saturation), for each seed:
 
 1. self-generate preference pairs from the base model, labelled by the true reward (as `benchmarks/efficacy.py`);
@@ -41,7 +41,7 @@ from peft import LoraConfig
 import trl_diffusion
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
 from trl_diffusion.evaluation import generate_images, saturation_scorer, win_rate
-from trl_diffusion.synthetic import (
+from trl_diffusion.testing.synthetic import (
     HUES,
     SIZE,
     TRAIN_COLOURS,

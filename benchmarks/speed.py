@@ -121,7 +121,7 @@ def build_model(size: str, directory: str) -> str:
     import torch
     from diffusers import DDPMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
-    from trl_diffusion.tiny_models import build_tiny_clip_tokenizer, build_tiny_stable_diffusion
+    from trl_diffusion.testing.tiny_models import build_tiny_clip_tokenizer, build_tiny_stable_diffusion
 
     if size == "tiny":
         return build_tiny_stable_diffusion(directory, sample_size=SIZES["tiny"]["resolution"] // 2)

@@ -32,7 +32,7 @@ sys.path.insert(0, REPO)
 
 from trl_diffusion import METHODS  # noqa: E402
 from trl_diffusion.models.flow_matching import shift_sigmas, sigmas_from_uniform  # noqa: E402
-from trl_diffusion.tiny_models import build_tiny_wan  # noqa: E402
+from trl_diffusion.testing.tiny_models import build_tiny_wan  # noqa: E402
 
 
 DATASET = os.path.join(REPO, "examples", "data", "video_pairs_tiny")

@@ -2,7 +2,7 @@
 
 1. Pre-train a tiny Stable Diffusion model from scratch on captioned pictures of a square ("a teal square"), or reuse
    the one cached for the same seed. It follows its prompt loosely and makes squares of every saturation, brightness,
-   size and position (see `trl_diffusion.synthetic`).
+   size and position (see `trl_diffusion.testing.synthetic`).
 2. Self-generate preference pairs from it and label each by the true reward (``--reward``: saturation by default).
    Every pair matches an image from the upper half of its caption's images, by reward, with one from the lower half.
 3. Train `DiffusionDPOTrainer` (or ``--method mapo|adaptive``) with LoRA on the pairs.
@@ -31,7 +31,7 @@ from transformers import PrinterCallback
 
 from trl_diffusion import METHODS
 from trl_diffusion.evaluation import PreferenceEvaluation, evaluate_preference, image_grid
-from trl_diffusion.synthetic import (
+from trl_diffusion.testing.synthetic import (
     GUIDANCE_SCALE,
     REWARDS,
     SIZE,
@@ -97,7 +97,7 @@ def train(args: argparse.Namespace, base_path: str, dataset) -> str:
     trainer.remove_callback(PrinterCallback)  # the demo prints its own table of the logged loss and accuracy
     trainer.train()
     trainer.save_model()
-    accuracy_key = trainer._accuracy_metric
+    accuracy_key = trainer.accuracy_metric
     print(f"      step   loss    {accuracy_key}")
     for entry in trainer.state.log_history:
         if "loss" in entry:

@@ -1,6 +1,5 @@
 """Fixtures: tiny diffusers pipelines saved as real folders, and small preference datasets."""
 
-import io
 import logging
 import os
 import shutil
@@ -11,14 +10,15 @@ import tempfile
 # Set before `datasets` is imported, which reads it once.
 os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="trl-diffusion-tests-datasets-")
 
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-from PIL import Image  # noqa: E402
+
+# make_pickapic and png_bytes stay importable from conftest (their former home) for tests not yet moved over.
+from helpers.rows import make_pickapic, png_bytes  # noqa: E402, F401
 
 from trl_diffusion.model_config import resolve_model_path  # noqa: E402
-from trl_diffusion.tiny_models import (  # noqa: E402
+from trl_diffusion.testing.tiny_models import (  # noqa: E402
     build_tiny_flux,
     build_tiny_flux2,
     build_tiny_qwen_image,
@@ -43,34 +43,6 @@ def cache_dir(tmp_path_factory):
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
-
-
-def png_bytes(color: tuple[int, int, int], size: tuple[int, int] = (20, 16), noise_seed: int | None = None) -> bytes:
-    """Encoded PNG of a solid colour (width, height), optionally with seeded noise."""
-    array = np.empty((size[1], size[0], 3), dtype=np.uint8)
-    array[:] = color
-    if noise_seed is not None:
-        rng = np.random.default_rng(noise_seed)
-        array = np.clip(array.astype(int) + rng.integers(-20, 21, array.shape), 0, 255).astype(np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def make_pickapic(num_rows: int = 8, seed: int = 0) -> Dataset:
-    """Pick-a-Pic-style rows: a reddish and a bluish image, the red one preferred, alternating positions."""
-    rows = {"jpg_0": [], "jpg_1": [], "label_0": [], "caption": []}
-    for i in range(num_rows):
-        red, blue = (
-            png_bytes((200, 40, 40), noise_seed=seed + 2 * i),
-            png_bytes((40, 40, 200), noise_seed=seed + 2 * i + 1),
-        )
-        red_first = i % 2 == 0
-        rows["jpg_0"].append(red if red_first else blue)
-        rows["jpg_1"].append(blue if red_first else red)
-        rows["label_0"].append(1.0 if red_first else 0.0)
-        rows["caption"].append(f"a square number {i}")
-    return Dataset.from_dict(rows)
 
 
 @pytest.fixture(scope="session")

@@ -12,8 +12,8 @@ import time
 
 import pytest
 import torch
-from conftest import make_pickapic
 from helpers import resumable
+from helpers.rows import make_pickapic
 from helpers.runs import REPO, subprocess_env
 
 from trl_diffusion.trainer.checkpoints import COMPLETE_MARKER, complete_checkpoints

@@ -3,9 +3,9 @@ import random
 
 import pytest
 import torch
-from conftest import make_pickapic, png_bytes
 from datasets import Dataset
 from datasets import Image as ImageFeature
+from helpers.rows import make_pickapic, png_bytes
 from PIL import Image
 
 from trl_diffusion.data import DiffusionPreferenceCollator, PreferenceDataset, paired_transform

@@ -13,8 +13,8 @@ import zlib
 import numpy as np
 import pytest
 import torch
-from conftest import make_pickapic
 from datasets import Dataset
+from helpers.rows import make_pickapic
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image

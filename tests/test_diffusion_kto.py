@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_pickapic
+from helpers.rows import make_pickapic
 from test_trainers import _snapshot, make_trainer
 
 from trl_diffusion import DiffusionKTOTrainer, UnpairedPreferenceDataset, unpair_preference_dataset

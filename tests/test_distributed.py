@@ -136,7 +136,7 @@ def test_deepspeed_input_cast_lets_a_bf16_denoiser_take_float32_inputs(tiny_sd):
 
 def test_sync_ref_model_refreshes_the_reference_and_needs_full_finetuning(tiny_sd, tmp_path):
     import torch
-    from conftest import make_pickapic
+    from helpers.rows import make_pickapic
     from peft import LoraConfig
 
     from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer

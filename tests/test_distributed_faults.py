@@ -14,9 +14,9 @@ import sys
 import time
 
 import pytest
-from conftest import make_pickapic
 from datasets import Dataset
 from helpers import resumable
+from helpers.rows import make_pickapic
 from helpers.runs import REPO, subprocess_env
 
 

@@ -5,7 +5,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from conftest import make_pickapic
+from helpers.rows import make_pickapic
 from helpers.videos import make_video_pairs
 from peft import LoraConfig
 from PIL import Image
@@ -26,8 +26,8 @@ from trl_diffusion.evaluation import (
     video_redness_scorer,
     win_rate,
 )
-from trl_diffusion.synthetic import add_frame, frame_scorer, render_squares
-from trl_diffusion.tiny_models import build_tiny_clip_tokenizer
+from trl_diffusion.testing.synthetic import add_frame, frame_scorer, render_squares
+from trl_diffusion.testing.tiny_models import build_tiny_clip_tokenizer
 
 
 def solid(rgb, size=8) -> Image.Image:

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-from conftest import make_pickapic
 from diffusers import StableDiffusionPipeline
+from helpers.rows import make_pickapic
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from test_trainers import _snapshot, make_trainer

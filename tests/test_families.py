@@ -6,7 +6,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import make_pickapic
 from diffusers import (
     AutoencoderKL,
     DiffusionPipeline,
@@ -18,6 +17,7 @@ from diffusers import (
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.training_utils import compute_density_for_timestep_sampling
+from helpers.rows import make_pickapic
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import load_file
@@ -44,7 +44,7 @@ from trl_diffusion.models.flux2 import pack_latents as flux2_pack_latents
 from trl_diffusion.models.flux2 import patchify_latents, text_ids
 from trl_diffusion.models.flux2 import unpack_latents as flux2_unpack_latents
 from trl_diffusion.models.resolution_shift import time_shift
-from trl_diffusion.tiny_models import build_tiny_flux
+from trl_diffusion.testing.tiny_models import build_tiny_flux
 
 
 FAMILIES = {

@@ -14,8 +14,8 @@ import httpx2
 import huggingface_hub
 import pytest
 import yaml
-from conftest import make_pickapic
 from diffusers import DiffusionPipeline
+from helpers.rows import make_pickapic
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 

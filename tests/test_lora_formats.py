@@ -4,8 +4,8 @@ tensor by tensor, and loaded by diffusers' own kohya converter into pipelines th
 import numpy as np
 import pytest
 import torch
-from conftest import make_pickapic
 from diffusers import DiffusionPipeline
+from helpers.rows import make_pickapic
 from peft import LoraConfig
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import load_file, save_file

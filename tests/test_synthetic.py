@@ -11,7 +11,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from trl_diffusion.evaluation import saturation_scorer
-from trl_diffusion.synthetic import (
+from trl_diffusion.testing.synthetic import (
     HUES,
     REWARDS,
     SIZE,

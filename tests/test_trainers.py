@@ -4,10 +4,10 @@ import os
 
 import pytest
 import torch
-from conftest import make_pickapic
 from datasets import Dataset
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
+from helpers.rows import make_pickapic
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 from transformers import TrainerCallback

@@ -4,8 +4,8 @@ import logging
 
 import pytest
 import torch
-from conftest import make_pickapic, png_bytes
 from datasets import Dataset
+from helpers.rows import make_pickapic, png_bytes
 
 from trl_diffusion.data import DiffusionPreferenceCollator
 from trl_diffusion.unpaired import UnpairedPreferenceDataset, unpair_preference_dataset

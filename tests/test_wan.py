@@ -19,7 +19,7 @@ from test_families import make_args
 from trl_diffusion import METHODS, MaPOConfig, MaPOTrainer, PreferenceDataset
 from trl_diffusion.models import WanFamily, get_family
 from trl_diffusion.models.flow_matching import shift_sigmas
-from trl_diffusion.tiny_models import build_tiny_wan
+from trl_diffusion.testing.tiny_models import build_tiny_wan
 
 
 def wan_args(tmp_path, config_class=MaPOConfig, **overrides):

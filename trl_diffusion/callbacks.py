@@ -4,10 +4,15 @@ import json
 import logging
 import os
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from transformers import TrainerCallback
+
+
+if TYPE_CHECKING:
+    from .trainer.base_trainer import DiffusionPreferenceTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -55,7 +60,7 @@ class ValidationImagesCallback(TrainerCallback):
 
     def __init__(
         self,
-        trainer,
+        trainer: "DiffusionPreferenceTrainer",
         prompts: Sequence[str],
         every_n_steps: int = 0,
         num_inference_steps: int = 25,
@@ -223,3 +228,28 @@ class CollapseWarningCallback(TrainerCallback):
         if kind not in self.warned:
             self.warned.add(kind)
             logger.warning(message, *values)
+
+
+class AnnotatorEMACallback(TrainerCallback):
+    """Adaptive-DPO's EMA annotators: update them after every optimizer step, and write the buffered minority scores.
+
+    Args:
+        trainer: the [`AdaptiveDPOTrainer`] whose public ``pair_annotators``, ``update_annotators`` and
+            ``flush_minority_scores`` it calls.
+    """
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # FSDP (and DeepSpeed) replace the policy's parameters when `train()` prepares the model: pair them anew.
+        self.trainer.pair_annotators(self.trainer.accelerator.unwrap_model(self.trainer.model))
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.update_annotators()
+
+    def on_log(self, args, state, control, **kwargs):
+        self.trainer.flush_minority_scores()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.trainer.flush_minority_scores()

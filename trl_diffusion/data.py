@@ -18,10 +18,15 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 logger = logging.getLogger(__name__)
@@ -68,6 +73,17 @@ class PreparationStats:
 
 def _column_values(dataset, column: str) -> list:
     return list(dataset[column])
+
+
+def encode_png(image: Image.Image | np.ndarray) -> bytes:
+    """Encode an image (PIL, or a ``(H, W, 3)`` uint8 array) as RGB PNG bytes: a cell that `load_image` reads back.
+
+    Useful to build Pick-a-Pic-style datasets (``jpg_0``/``jpg_1`` columns) offline.
+    """
+    image = Image.fromarray(image) if isinstance(image, np.ndarray) else image
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def load_image(value, row: int, column: str) -> Image.Image:
@@ -138,13 +154,16 @@ class PreferenceDataset(torch.utils.data.Dataset):
         random_flip: flip the pair horizontally with probability 1/2.
         drop_ties: drop pairs labelled 0.5 (counted and logged). Ties cannot be kept: a pairwise loss needs a winner.
         skip_invalid_rows: drop rows with a bad label, caption or image (counted and logged) instead of raising.
-        caption_column, image_columns, label_column: column names of the Pick-a-Pic schema.
+        caption_column: prompt column of the Pick-a-Pic schema.
+        image_columns: the two image columns of the Pick-a-Pic schema.
+        label_column: label column of the Pick-a-Pic schema (1: the first image is preferred, 0: the second, 0.5: a
+            tie).
         confidence_column: optional column of per-pair prior confidence in ``[0, 1]``.
     """
 
     def __init__(
         self,
-        dataset,
+        dataset: "Dataset",
         resolution: int = 512,
         random_crop: bool = False,
         random_flip: bool = False,

@@ -59,6 +59,7 @@ from datasets.arrow_writer import ArrowWriter
 from tqdm.auto import tqdm
 
 from .data import PreferenceDataset
+from .dtypes import DTYPES
 
 
 logger = logging.getLogger(__name__)
@@ -66,10 +67,7 @@ logger = logging.getLogger(__name__)
 # Bump when the stored layout or the encoding procedure changes: old caches are then ignored, never misread.
 CACHE_FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
-# The optimizer step whose pair seeds fix the noise and timestep of every pair when reference errors are precomputed
-FIXED_NOISE_STEP = 0
 _STORED_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: np.int16}
-_DTYPE_NAMES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 # Shards hold whole encoding batches: about 1/64 of a small set, at most about 4096 items of a large one
 _SHARDS_TARGET, _MAX_SHARD_ITEMS = 64, 4096
 
@@ -248,7 +246,7 @@ def _parse_column(column: str) -> tuple[str, torch.dtype, tuple[int, ...]] | Non
     if len(parts) != 3:
         return None
     name, dtype, shape = parts
-    return name, _DTYPE_NAMES[dtype], tuple(int(size) for size in shape.split("x")) if shape else ()
+    return name, DTYPES[dtype], tuple(int(size) for size in shape.split("x")) if shape else ()
 
 
 def _from_column(values: np.ndarray, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:

@@ -10,6 +10,7 @@ difference with a bootstrap confidence interval. [`EvaluationCallback`] runs the
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +30,10 @@ from .scorers import (  # noqa: F401  # noqa: F401
     temporal_smoothness_scorer,
     video_redness_scorer,
 )
+
+
+if TYPE_CHECKING:
+    from .trainer.base_trainer import DiffusionPreferenceTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -88,7 +93,7 @@ def generate_paired(
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int = 16,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> list[Image.Image]:
     """One image per ``(prompts[i], seeds[i])``, each from its own seeded CPU generator, ``batch_size`` at a time."""
     if len(prompts) != len(seeds):
@@ -111,7 +116,7 @@ def generate_images(
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int = 16,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> list[Image.Image]:
     """One image per (prompt, seed), prompts outer and seeds inner: every prompt with every seed."""
     jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
@@ -136,7 +141,7 @@ def evaluate_preference(
     seeds: Sequence[int] | None = None,
     confidence: float = 0.95,
     batch_size: int = 16,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> PreferenceEvaluation:
     """Generate from the base and the tuned model with the same prompts and seeds, score both, compare.
 
@@ -198,7 +203,7 @@ def generate_videos(
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int = 4,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> list[np.ndarray]:
     """One clip per (prompt, seed), prompts outer and seeds inner, each from its own seeded CPU generator:
     ``(F, H, W, 3)`` uint8 frames (a video pipeline such as ``WanPipeline``, whose output is ``.frames``)."""
@@ -223,7 +228,7 @@ def evaluate_video_preference(
     seeds: Sequence[int] | None = None,
     confidence: float = 0.95,
     batch_size: int = 4,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> PreferenceEvaluation:
     """[`evaluate_preference`] for text-to-video: short clips from the base and the tuned model with the same
     prompts and seeds, scored per video by ``scorer(videos, prompts) -> scores`` (e.g. [`video_redness_scorer`],
@@ -263,7 +268,9 @@ class EvaluationCallback(TrainerCallback):
 
     Args:
         trainer: the trl_diffusion trainer to watch (its ``family.pipeline`` generates the images).
-        prompts, scorer, seeds: as for [`evaluate_preference`].
+        prompts: evaluation prompts, as for [`evaluate_preference`].
+        scorer: ``scorer(images, prompts) -> scores``, as for [`evaluate_preference`].
+        seeds: the seeds of every prompt's images, the same for the base and the tuned model.
         eval_every_steps: optimizer steps between evaluations; it also runs at the end of training.
         max_grid_images: images per row in the logged grid.
         generation_kwargs: passed to the pipeline.
@@ -271,13 +278,13 @@ class EvaluationCallback(TrainerCallback):
 
     def __init__(
         self,
-        trainer,
+        trainer: "DiffusionPreferenceTrainer",
         prompts: Sequence[str],
         scorer: Scorer,
         seeds: Sequence[int] = (0, 1),
         eval_every_steps: int = 100,
         max_grid_images: int = 8,
-        **generation_kwargs,
+        **generation_kwargs: Any,
     ):
         self.trainer = trainer
         self.prompts, self.scorer, self.seeds = list(prompts), scorer, list(seeds)

@@ -25,7 +25,6 @@ processes, so N processes produce exactly the pairs of one. [`save_preference_pa
 and the main process combines them (``save_to_disk``, parquet, or ``push_to_hub``).
 """
 
-import io
 import itertools
 import logging
 import math
@@ -33,12 +32,13 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from datasets import Dataset, Features, Value
 from diffusers import DiffusionPipeline
-from PIL import Image
 
+from .data import encode_png
 from .evaluation import generate_paired
 from .scorers import Scorer
 
@@ -62,7 +62,9 @@ PAIR_FEATURES = Features(
 )
 
 
-def form_pairs(scores: Sequence[float], pairing: str = "best_worst", min_reward_gap: float = 0.0):
+def form_pairs(
+    scores: Sequence[float], pairing: str = "best_worst", min_reward_gap: float = 0.0
+) -> tuple[list[tuple[int, int]], int]:
     """Pairs ``(a, b)``, ``a < b``, of one prompt's images, and the number of candidate pairs dropped.
 
     A candidate is dropped when its gap ``|s_a − s_b|`` is zero or below ``min_reward_gap``.
@@ -115,12 +117,6 @@ class PreferencePairs:
         return self.num_candidate_pairs - self.num_dropped
 
 
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _check_scores(scores, num_images: int, prompt_index: int, seeds: list[int]) -> np.ndarray:
     scores = np.asarray(scores, dtype=np.float64).reshape(-1)
     if scores.shape != (num_images,):
@@ -141,8 +137,8 @@ def _prompt_rows(pipeline, prompt, prompt_index, scorer, seeds, pairing, min_rew
     pairs, dropped = form_pairs(scores, pairing, min_reward_gap)
     rows = [
         {
-            "jpg_0": _png(images[a]),
-            "jpg_1": _png(images[b]),
+            "jpg_0": encode_png(images[a]),
+            "jpg_1": encode_png(images[b]),
             "label_0": float(scores[a] > scores[b]),
             "caption": prompt,
             "score_0": float(scores[a]),
@@ -177,7 +173,7 @@ def generate_preference_pairs(
     pairing: str = "best_worst",
     seed: int = 0,
     batch_size: int = 8,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> PreferencePairs:
     """Sample ``images_per_prompt`` images per prompt with fixed seeds, score them and pair them (module docstring).
 

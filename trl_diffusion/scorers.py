@@ -22,10 +22,15 @@ above into one (the mean over frames spread across the clip); [`video_redness_sc
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+if TYPE_CHECKING:
+    from transformers import BlipConfig
 
 
 logger = logging.getLogger(__name__)
@@ -72,7 +77,8 @@ class CLIPScorer:
         model_name_or_path: a `transformers.CLIPModel` folder or Hub id.
         processor_name_or_path: its `CLIPProcessor` (defaults to ``model_name_or_path``).
         scale: multiplies the cosine; 100 gives the usual CLIP-score range.
-        device, dtype: where and in what precision the model runs.
+        device: where the model runs.
+        dtype: the precision the model runs in.
     """
 
     def __init__(
@@ -203,7 +209,8 @@ class HPSv2Scorer(CLIPScorer):
         config_name_or_path: the `CLIPModel` config and processor of the architecture: OpenCLIP's ViT-H-14 as LAION
             publishes it in transformers format (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; only its config,
             tokenizer and preprocessing are used, not its weights).
-        device, dtype: where and in what precision the model runs.
+        device: where the model runs.
+        dtype: the precision the model runs in.
     """
 
     def __init__(
@@ -284,7 +291,8 @@ class AestheticScorer:
         model_name_or_path: the CLIP model the head was trained on (`openai/clip-vit-large-patch14`).
         head: the head's weights: a local ``.pth``/``.safetensors`` file or a URL (default: the published
             ``sac+logos+ava1-l14-linearMSE.pth``). ``.pth`` files are read with ``torch.load(weights_only=True)``.
-        device, dtype: where and in what precision the CLIP model runs (the head runs in float32).
+        device: where the model runs.
+        dtype: the precision the CLIP model runs in (the head runs in float32).
     """
 
     def __init__(
@@ -380,7 +388,8 @@ class ImageRewardScorer:
             the Hub repo ``THUDM/ImageReward``; ``.pt`` is read with ``torch.load(weights_only=True)``.
         config: a `transformers.BlipConfig` or a folder/Hub id holding one; ``None`` is [`image_reward_config`].
         tokenizer_name_or_path: BLIP's BERT tokenizer (``[DEC]``/``[ENC]`` added): ``Salesforce/blip-itm-large-coco``.
-        device, dtype: where and in what precision the model runs (the head runs in float32).
+        device: where the model runs.
+        dtype: the precision the model runs in (the head runs in float32).
     """
 
     mean, std, max_length = 0.16717362830052426, 1.0333394966054072, 35
@@ -388,7 +397,7 @@ class ImageRewardScorer:
     def __init__(
         self,
         checkpoint: str | None = None,
-        config=None,
+        config: "BlipConfig | str | None" = None,
         tokenizer_name_or_path: str = "Salesforce/blip-itm-large-coco",
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
@@ -476,7 +485,7 @@ def per_frame_scorer(image_scorer: Scorer, num_frames: int | None = 4) -> VideoS
 
 
 def _frame_scorer() -> Scorer:
-    from .synthetic import frame_scorer
+    from .testing.synthetic import frame_scorer
 
     return frame_scorer
 

@@ -21,11 +21,16 @@ import io
 import os
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .data import PreferenceDataset, load_image
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -183,13 +188,13 @@ class VideoPreferenceDataset(PreferenceDataset):
 
     def __init__(
         self,
-        dataset,
+        dataset: "Dataset",
         size: tuple[int, int],
         num_frames: int,
         frame_stride: int = 1,
         temporal_crop: str = "start",
         video_columns: Sequence[str] = ("video_0", "video_1"),
-        **kwargs,
+        **kwargs: Any,
     ):
         if temporal_crop not in ("start", "center", "random"):
             raise ValueError(f"temporal_crop must be 'start', 'center' or 'random', got {temporal_crop!r}.")

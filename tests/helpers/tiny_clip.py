@@ -2,7 +2,7 @@
 
 import torch
 
-from trl_diffusion.tiny_models import build_tiny_clip_tokenizer
+from trl_diffusion.testing.tiny_models import build_tiny_clip_tokenizer
 
 
 def build_tiny_clip(path: str, hidden_act: str = "quick_gelu", projection_dim: int = 8, seed: int = 0) -> str:

@@ -57,7 +57,7 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
     config_class = DiffusionKTOConfig
     args: DiffusionKTOConfig
     dataset_class = UnpairedPreferenceDataset
-    _accuracy_metric = "kto/accuracy"
+    accuracy_metric = "kto/accuracy"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -20,7 +20,6 @@ from accelerate.utils import send_to_device
 
 from ..data import PreferenceDataset
 from ..encodings import (
-    FIXED_NOISE_STEP,
     CacheOptions,
     EncodedPreferenceDataset,
     Encoders,
@@ -31,6 +30,7 @@ from ..encodings import (
     model_revision,
     weights_digest,
 )
+from ..noise import FIXED_NOISE_STEP, noise_step
 
 
 logger = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ def reference_errors_key(trainer, mode: str) -> dict[str, Any]:
         "lora_base": trainer.is_peft,
         "seed": trainer.args.seed,
         "mode": mode,
-        "step": FIXED_NOISE_STEP if mode == "train" else -1,
+        "step": noise_step(mode, fixed_step=FIXED_NOISE_STEP),
         "dtype": str(trainer.weight_dtype),
         "options": trainer.family.options.key(),
         "proportion_empty_prompts": trainer.args.proportion_empty_prompts,
@@ -159,19 +159,16 @@ def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {**send_to_device(inputs, device), **host}
 
 
-def prepare_cached_datasets(
-    trainer, uses_reference: bool, prepare_inputs: Callable[[dict], dict] | None = None
-) -> CachedData | None:
+def prepare_cached_datasets(trainer, prepare_inputs: Callable[[dict], dict] | None = None) -> CachedData | None:
     """Encode the trainer's datasets (every process its shards), add reference errors with ``precompute_ref_errors``;
     ``None`` when the config trains without the cache.
 
     Args:
         trainer: a `DiffusionPreferenceTrainer` (its public attributes: args, family, accelerator, datasets...).
-        uses_reference: whether its method has a reference.
         prepare_inputs: moves a collated batch to the device as the training step does (default: [`to_device`]).
     """
     args, accelerator = trainer.args, trainer.accelerator
-    check_cache_options(args, uses_reference, accelerator)
+    check_cache_options(args, trainer.uses_reference, accelerator)
     if not args.encodings_cached:
         return None
     prepare_inputs = prepare_inputs or (lambda inputs: to_device(inputs, accelerator.device))

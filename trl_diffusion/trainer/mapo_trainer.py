@@ -32,8 +32,8 @@ class MaPOTrainer(DiffusionPreferenceTrainer):
     }
     config_class = MaPOConfig
     args: MaPOConfig
-    _uses_reference = False
-    _accuracy_metric = "mapo/accuracy"
+    uses_reference = False
+    accuracy_metric = "mapo/accuracy"
 
     def preference_loss(self, step, policy_errors):
         policy_chosen, policy_rejected = policy_errors.chunk(2)

@@ -12,10 +12,15 @@ step and lowers its scale. Such steps are legitimate and never counted as failur
 
 import logging
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate.utils import DistributedType, gather_object
 from transformers import TrainerCallback
+
+
+if TYPE_CHECKING:
+    from .base_trainer import DiffusionPreferenceTrainer
 
 
 logger = logging.getLogger(__name__)
@@ -68,7 +73,7 @@ class NonFiniteGuard(TrainerCallback):
         max_skipped_steps: optimizer steps that may be skipped before training stops (``skip_nonfinite_steps``).
     """
 
-    def __init__(self, trainer, max_skipped_steps: int = 0):
+    def __init__(self, trainer: "DiffusionPreferenceTrainer", max_skipped_steps: int = 0):
         self.trainer = trainer
         self.max_skipped_steps = max_skipped_steps
         self.num_skipped_steps = 0
