@@ -48,8 +48,8 @@ class FluxFamily(ResolutionShiftMixin, FlowMatchingFamily):
     default_resolution_shift = False
     default_max_sequence_length = 512
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         self._check_resolution(2 * pipeline.vae_scale_factor)
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ class FluxFamily(ResolutionShiftMixin, FlowMatchingFamily):
         device, dtype = noisy_latents.device, noisy_latents.dtype
         guidance = None
         if self.denoiser.config.guidance_embeds:
-            guidance = torch.full((batch,), self.args.guidance_scale, device=device, dtype=dtype)
+            guidance = torch.full((batch,), self.options.guidance_scale, device=device, dtype=dtype)
         text_length = conditioning["encoder_hidden_states"].shape[1]
         prediction = denoiser(
             hidden_states=pack_latents(noisy_latents),

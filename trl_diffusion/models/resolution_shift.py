@@ -53,11 +53,11 @@ class ResolutionShiftMixin:
 
     default_resolution_shift: bool = True
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         config = pipeline.scheduler.config
         dynamic = bool(config.get("use_dynamic_shifting", False))
-        requested = getattr(args, "resolution_shift", None)
+        requested = options.resolution_shift
         if requested and not dynamic:
             raise ValueError(
                 f"resolution_shift=True, but the scheduler of {type(pipeline).__name__} has a static shift "
@@ -69,7 +69,7 @@ class ResolutionShiftMixin:
     def image_seq_len(self) -> int:
         """Image tokens of a ``resolution``² training image: latents of ``resolution / vae_scale_factor`` a side,
         in 2x2 patches."""
-        side = self.args.resolution // (2 * self.pipeline.vae_scale_factor)
+        side = self.options.resolution // (2 * self.pipeline.vae_scale_factor)
         return side * side
 
     def resolution_mu(self) -> float:

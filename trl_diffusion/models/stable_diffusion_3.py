@@ -24,8 +24,8 @@ class StableDiffusion3Family(ResolutionShiftMixin, FlowMatchingFamily):
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     default_max_sequence_length = 256
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         self._check_resolution(pipeline.vae_scale_factor * self.denoiser.config.patch_size)
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -38,8 +38,8 @@ class WanFamily(FlowMatchingFamily):
     # 81 frames: Wan's 5-second clips at 16 fps, 21 latent frames
     default_num_frames = 81
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         config = pipeline.scheduler.config
         if config.get("use_flow_sigmas", False):
             self.shift = 1.0 if config.get("use_dynamic_shifting", False) else float(config.flow_shift)
@@ -55,12 +55,16 @@ class WanFamily(FlowMatchingFamily):
     @property
     def num_frames(self) -> int:
         """Frames of a training clip: ``num_frames`` of the config, else 81."""
-        return self.args.num_frames or self.default_num_frames
+        return self.options.num_frames or self.default_num_frames
 
     @property
     def frame_size(self) -> tuple[int, int]:
         """``(height, width)`` of the training frames: ``video_size``, else ``resolution`` squared."""
-        return tuple(self.args.video_size) if self.args.video_size else (self.args.resolution, self.args.resolution)
+        return (
+            tuple(self.options.video_size)
+            if self.options.video_size
+            else (self.options.resolution, self.options.resolution)
+        )
 
     def _check_video_size(self) -> None:
         temporal = self.pipeline.vae_scale_factor_temporal

@@ -29,8 +29,8 @@ class ZImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
     pipeline_class_names = ("ZImagePipeline",)
     default_max_sequence_length = 512
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         self._check_resolution(2 * pipeline.vae_scale_factor)
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:

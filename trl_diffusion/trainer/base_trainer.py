@@ -1,5 +1,6 @@
 """The shared training step of every pairwise preference method for diffusion models."""
 
+import gc
 import json
 import logging
 import os
@@ -23,7 +24,6 @@ from transformers.trainer_utils import enable_full_determinism, set_seed
 from ..callbacks import CollapseWarningCallback, NonFiniteGuard, read_widget
 from ..data import DiffusionPreferenceCollator, PreferenceDataset, PreparationStats
 from ..dtypes import compute_dtype
-from ..encodings import prepare_cached_datasets
 from ..lora_formats import KOHYA_WEIGHT_NAME, export_kohya_lora
 from ..model_card import write_model_card
 from ..model_config import load_pipeline
@@ -42,6 +42,7 @@ from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
 from .checkpoints import begin_checkpoint, mark_checkpoint_complete, resolve_resume_checkpoint
 from .distributed import add_deepspeed_input_cast, prepare_frozen_model
+from .encoding_cache import CachedData, prepare_cached_datasets
 
 
 logger = logging.getLogger(__name__)
@@ -194,8 +195,8 @@ class DiffusionPreferenceTrainer(Trainer):
         )
         self._setup_step_state(args)
         self._place_frozen_networks(denoiser, args)
-        # Encoding cache (`precompute_encodings`) and precomputed reference errors: see `trl_diffusion.encodings`
-        prepare_cached_datasets(self)
+        # Encoding cache (`precompute_encodings`) and precomputed reference errors: see `trainer/encoding_cache.py`
+        self._use_cached_data(prepare_cached_datasets(self, self._prepare_inputs))
 
     # ----- set-up -----
 
@@ -316,6 +317,20 @@ class DiffusionPreferenceTrainer(Trainer):
             self.ref_model = torch.compile(
                 self.ref_model, backend=args.torch_compile_backend, mode=args.torch_compile_mode
             )
+
+    def _use_cached_data(self, cached: CachedData | None) -> None:
+        """Train from the encoding caches; with stored reference errors, release the frozen reference copy."""
+        if cached is None:
+            return
+        self.train_dataset, self.eval_dataset = cached.train_dataset, cached.eval_dataset
+        self._empty_prompt_embeds = cached.empty_prompt_embeds
+        self._skipped_rows["train"] += cached.num_skipped
+        if cached.release_reference:
+            # The reference's work is done: no reference model sits in memory during training.
+            self.ref_model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _create_reference(self, ref_model, denoiser: torch.nn.Module) -> torch.nn.Module:
         """A frozen reference denoiser in the compute dtype: a copy of the initial policy unless one is given."""
