@@ -48,7 +48,8 @@ class CachedData:
     """What the trainer adopts once its datasets are encoded.
 
     Attributes:
-        train_dataset, eval_dataset: the datasets, encoded where they were [`PreferenceDataset`][]s.
+        train_dataset: the training dataset, encoded where it was a [`PreferenceDataset`][].
+        eval_dataset: the evaluation dataset(s), encoded likewise.
         empty_prompt_embeds: the family's encoding of the empty prompt (caption dropout), or ``None``.
         num_skipped: training pairs left out of the cache for an unreadable image.
         release_reference: the reference errors are stored: the frozen reference copy can be released.
