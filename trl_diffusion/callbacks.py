@@ -153,7 +153,7 @@ class ValidationImagesCallback(PolicyImagesCallback):
     """Generate one image per prompt with the policy every ``every_n_steps`` steps and at the end of training.
 
     For a video family (Wan) each prompt's clip (``num_frames`` frames of the training frame size) is shown as a
-    strip of four frames from its first to its last ([`frame_strip`]).
+    strip of four frames from its first to its last (`frame_strip`).
 
     The images are made with the trainer's own pipeline (the denoiser being trained, LoRA adapters active), one seeded
     generator per prompt so successive rounds are comparable. Each round is logged to TensorBoard and Weights & Biases
@@ -307,7 +307,7 @@ class EvaluationCallback(PolicyImagesCallback):
 
 
 def read_widget(output_dir: str) -> list[dict] | None:
-    """The widget entries a [`ValidationImagesCallback`] left in ``output_dir``, keeping only images that exist."""
+    """The widget entries a [`ValidationImagesCallback`][] left in ``output_dir``, keeping only images that exist."""
     path = os.path.join(output_dir, VALIDATION_DIR, WIDGET_FILE)
     if not os.path.isfile(path):
         return None
@@ -536,7 +536,7 @@ class AnnotatorEMACallback(TrainerCallback):
     """Adaptive-DPO's EMA annotators: update them after every optimizer step, and write the buffered minority scores.
 
     Args:
-        trainer: the [`AdaptiveDPOTrainer`] whose public ``pair_annotators``, ``update_annotators`` and
+        trainer: the [`AdaptiveDPOTrainer`][] whose public ``pair_annotators``, ``update_annotators`` and
             ``flush_minority_scores`` it calls.
     """
 

@@ -1,10 +1,11 @@
 """Does a tuned model beat its base on what the preferences ask for? Win rates with fixed seeds, and scorers.
 
 A scorer is any callable ``scorer(images, prompts) -> scores``: a list of PIL images and their prompts in, one float
-per image out (higher is better). [`evaluate_preference`] generates images from the base and the tuned model with the
+per image out (higher is better). [`evaluate_preference`][] generates images from the base and the tuned model with the
 same prompts and seeds, scores both, and reports the win rate of tuned over base (ties count 1/2) and the mean score
-difference with a bootstrap confidence interval. [`~trl_diffusion.callbacks.EvaluationCallback`] runs the same check
-during training. [`evaluate_video_preference`] does the same for text-to-video pipelines with per-video scorers.
+difference with a bootstrap confidence interval. [`EvaluationCallback`][trl_diffusion.callbacks.EvaluationCallback]
+runs the same check during training. [`evaluate_video_preference`][] does the same for text-to-video pipelines with
+per-video scorers.
 """
 
 import logging
@@ -63,14 +64,14 @@ def bootstrap_mean_ci(
 
 @dataclass
 class PreferenceEvaluation:
-    """The outcome of [`evaluate_preference`].
+    """The outcome of [`evaluate_preference`][].
 
     Attributes:
         win_rate: fraction of (prompt, seed) pairs where the tuned image scores higher (ties count 1/2).
         mean_difference: mean of ``tuned − base`` scores.
         ci_low, ci_high: bootstrap confidence interval of ``mean_difference``.
         rows: one dict per (prompt, seed): ``prompt``, ``seed``, ``base_score``, ``tuned_score``.
-        base_images, tuned_images: the generated images (clips, for [`evaluate_video_preference`]), in the order of
+        base_images, tuned_images: the generated images (clips, for [`evaluate_video_preference`][]), in the order of
             ``rows``.
     """
 
@@ -225,9 +226,9 @@ def evaluate_video_preference(
     batch_size: int = 4,
     **generation_kwargs: Any,
 ) -> PreferenceEvaluation:
-    """[`evaluate_preference`] for text-to-video: short clips from the base and the tuned model with the same
-    prompts and seeds, scored per video by ``scorer(videos, prompts) -> scores`` (e.g. [`video_redness_scorer`],
-    [`temporal_smoothness_scorer`], or an image scorer through [`per_frame_scorer`]).
+    """[`evaluate_preference`][] for text-to-video: short clips from the base and the tuned model with the same
+    prompts and seeds, scored per video by ``scorer(videos, prompts) -> scores`` (e.g. [`video_redness_scorer`][],
+    [`temporal_smoothness_scorer`][], or an image scorer through [`per_frame_scorer`][]).
 
     The result's ``base_images`` and ``tuned_images`` hold the clips, ``(F, H, W, 3)`` uint8 arrays. Pass the clip
     shape in ``generation_kwargs`` (``num_frames``, ``height``, ``width``, ``num_inference_steps``...).

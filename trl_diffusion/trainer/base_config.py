@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 import torch
 from trl.trainer.base_config import _BaseConfig
 
+from ..image_urls import ImageURLOptions
+
 
 # Densities of the flow-matching noise level, and weightings of the velocity error (see `models/flow_matching.py`)
 FLOW_TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
@@ -21,7 +23,7 @@ class DiffusionPreferenceConfig(_BaseConfig):
     """Fields shared by every trl_diffusion trainer: data preparation, augmentation and training-step options.
 
     It subclasses TRL's own base configuration (TRL's defaults: `logging_steps=10`, bf16 unless `fp16` is set), which
-    subclasses [`~transformers.TrainingArguments`]. Only the defaults that differ for diffusion training are changed.
+    subclasses `transformers.TrainingArguments`. Only the defaults that differ for diffusion training are changed.
 
     The parameters come in groups: data and training step; model-family options (see `docs/supported_models.md`);
     video families (see `docs/data.md`); speed and memory (see `docs/performance.md`); saving (see
@@ -45,6 +47,15 @@ class DiffusionPreferenceConfig(_BaseConfig):
             `"label_0"`.
         confidence_column: Optional column of per-pair prior confidence in `[0, 1]` (for example the agreement rate of
             several annotators), used by methods that weight pairs (Adaptive-DPO). Defaults to `None`.
+        image_url_timeout: Image cells holding http(s) URLs are fetched in the data-loader workers: seconds each
+            attempt may wait for the connection and for each read (see `docs/data.md`). Defaults to `10.0`.
+        image_url_retries: Attempts after the first for an image URL that fails (a timeout, a refused connection, a
+            5xx status); a 404, 410, 400, 401 or 403 fails at once. Defaults to `3`.
+        image_url_backoff: Seconds before the first retry of an image URL; each further retry waits twice as long.
+            Defaults to `1.0`.
+        skip_unreachable_urls: Skip a pair whose image URL is still unreachable after the retries (logged with its
+            row and column, and counted in `data/skipped_rows`) instead of raising an error that names them;
+            `skip_invalid_rows` skips such pairs too. Defaults to `False`.
         proportion_empty_prompts: Fraction of pairs whose prompt is replaced by the empty prompt (caption dropout, for
             classifier-free guidance). The prompt is dropped for both images of a pair, never one. Defaults to `0.0`.
         vae_encode_batch_size: Images the VAE encodes at once; lower it to save memory at large resolutions. Defaults
@@ -186,6 +197,17 @@ class DiffusionPreferenceConfig(_BaseConfig):
     )
     confidence_column: str | None = field(
         default=None, metadata={"help": "Optional column of per-pair prior confidence in [0, 1]."}
+    )
+    image_url_timeout: float = field(
+        default=10.0, metadata={"help": "Seconds each attempt to fetch an image URL may wait (connection, reads)."}
+    )
+    image_url_retries: int = field(default=3, metadata={"help": "Retries of an image URL that fails."})
+    image_url_backoff: float = field(
+        default=1.0, metadata={"help": "Seconds before the first retry of an image URL (doubling after)."}
+    )
+    skip_unreachable_urls: bool = field(
+        default=False,
+        metadata={"help": "Skip (and count) pairs whose image URL stays unreachable instead of raising."},
     )
     proportion_empty_prompts: float = field(
         default=0.0, metadata={"help": "Fraction of pairs whose prompt is dropped (for both images)."}
@@ -338,6 +360,27 @@ class DiffusionPreferenceConfig(_BaseConfig):
         metadata={"help": "LoRA files to write: diffusers (always) and/or kohya (ComfyUI, Forge, kohya scripts)."},
     )
 
+    @property
+    def uncacheable_reason(self) -> str | None:
+        """Why a pair's encodings are not a function of the pair alone (so cannot be cached), or ``None``.
+
+        The one place of the rule: random crops (``random_crop``, ``temporal_crop="random"``) change every epoch;
+        flips do not count, since both flips are cached.
+        """
+        if self.random_crop:
+            return "random_crop=True changes each pair's crop every epoch"
+        if self.temporal_crop == "random":
+            return "temporal_crop='random' changes each pair's clip every epoch"
+        return None
+
+    @property
+    def encodings_cached(self) -> bool:
+        """Whether the trainer trains from the encoding cache: ``precompute_encodings``, and by default (``None``)
+        whenever the encodings can be cached (see [`uncacheable_reason`])."""
+        if self.precompute_encodings is None:
+            return self.uncacheable_reason is None
+        return self.precompute_encodings
+
     def _check_video_options(self):
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {self.num_frames}.")
@@ -349,11 +392,6 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"video_columns must name exactly two columns, got {self.video_columns}.")
         if self.video_size is not None and (len(self.video_size) != 2 or min(self.video_size) < 1):
             raise ValueError(f"video_size must be [height, width], got {self.video_size}.")
-        if self.precompute_encodings and self.temporal_crop == "random":
-            raise ValueError(
-                "precompute_encodings caches one clip per pair; temporal_crop='random' changes it every epoch. "
-                "Leave precompute_encodings unset (or False) to train with random temporal crops."
-            )
 
     def __post_init__(self):
         # TRL resolves an unset `bf16` to `not fp16`, which transformers then rejects on a machine without a bf16
@@ -395,13 +433,18 @@ class DiffusionPreferenceConfig(_BaseConfig):
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be at least 1, got {self.max_sequence_length}.")
         self._check_video_options()
-        if self.precompute_encodings and self.random_crop:
+        ImageURLOptions.from_config(self)  # checks the image URL options
+        if self.precompute_encodings and self.uncacheable_reason is not None:
             raise ValueError(
-                "precompute_encodings caches centre crops; random_crop=True changes each pair's crop every epoch. "
-                "Leave precompute_encodings unset (or False) to train with random crops."
+                f"precompute_encodings caches one fixed crop of each pair; {self.uncacheable_reason}. Leave "
+                "precompute_encodings unset (or False) to train with random crops."
             )
-        if self.precompute_ref_errors and (self.precompute_encodings is False or self.random_crop):
-            raise ValueError("precompute_ref_errors needs the encoding cache (precompute_encodings, no random_crop).")
+        if self.precompute_ref_errors and not self.encodings_cached:
+            raise ValueError(
+                "precompute_ref_errors needs the encoding cache (precompute_encodings, no random_crop or "
+                "temporal_crop='random'): each pair's stored reference error is for one fixed latent, noise and "
+                "timestep."
+            )
         unknown_formats = sorted(set(self.save_lora_format) - {"diffusers", "kohya"})
         if unknown_formats:
             raise ValueError(f"save_lora_format takes 'diffusers' and/or 'kohya', got {unknown_formats}.")

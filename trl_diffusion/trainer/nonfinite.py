@@ -1,6 +1,7 @@
 """Former home of the non-finite guard: its names stay importable from here.
 
-The checks and [`NonFiniteError`] live in `trl_diffusion.nonfinite`, the callback in `trl_diffusion.callbacks`.
+The checks and [`NonFiniteError`][trl_diffusion.nonfinite.NonFiniteError] live in `trl_diffusion.nonfinite`, the
+callback in `trl_diffusion.callbacks`.
 """
 
 from ..callbacks import NonFiniteGuard
