@@ -8,7 +8,7 @@ import sys
 import torch
 from safetensors.torch import load_file
 
-from trl_diffusion.scripts.cli import COMMANDS
+from trl_diffusion.scripts.cli import COMMAND_ALIASES, COMMANDS
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -17,6 +17,7 @@ TINY_DATASET = os.path.join(REPO, "examples", "data", "pickapic_tiny")
 SHIM = os.path.join(REPO, "tests", "helpers", "cpu_engine_shim.py")
 # CLI command -> script module, as the `trl-diffusion` command maps them
 SCRIPTS = {command: module for command, (module, _) in COMMANDS.items()}
+SCRIPTS.update({alias: SCRIPTS[command] for alias, command in COMMAND_ALIASES.items()})
 
 # Plain SGD: Adam normalises each update, so a gradient off by a constant factor (a wrong average over processes)
 # would still give nearly the same weights. With SGD the weights are proportional to the summed gradients.

@@ -19,12 +19,12 @@ accelerate launch --config_file multi_gpu.yaml trl_diffusion/scripts/adaptive_dp
 
 # Full fine-tuning with FSDP2 (the reference and the EMA annotators are sharded like the policy)
 ```bash
-trl-diffusion adaptive-dpo --accelerate_config fsdp2 --config examples/scripts/sd15_adaptive_dpo.yaml --use_peft false
+trl-diffusion adaptive --accelerate_config fsdp2 --config examples/scripts/sd15_adaptive_dpo.yaml --use_peft false
 ```
 
 # A CPU smoke run on the bundled tiny data
 ```bash
-trl-diffusion adaptive-dpo --config examples/scripts/sd15_dpo_tiny.yaml --beta 1000 --output_dir tiny-adaptive
+trl-diffusion adaptive --config examples/scripts/sd15_dpo_tiny.yaml --beta 1000 --output_dir tiny-adaptive
 ```
 """
 
@@ -42,7 +42,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     from trl_diffusion import AdaptiveDPOConfig
     from trl_diffusion.scripts.utils import make_script_parser
 
-    return make_script_parser(AdaptiveDPOConfig, "adaptive-dpo", "Run Adaptive-DPO training", subparsers, prog)
+    return make_script_parser(AdaptiveDPOConfig, "adaptive", "Run Adaptive-DPO training", subparsers, prog)
 
 
 if __name__ == "__main__":

@@ -136,10 +136,10 @@ def load_prompts(args: GeneratePairsConfig) -> list[str]:
     else:
         from trl import ScriptArguments
 
-        from trl_diffusion.scripts.utils import _select_split, load_preference_dataset
+        from trl_diffusion.scripts.utils import load_preference_dataset, select_split
 
         dataset = load_preference_dataset(ScriptArguments(args.dataset_name, dataset_config=args.dataset_config))
-        dataset = _select_split(dataset, args.dataset_split)
+        dataset = select_split(dataset, args.dataset_split)
         if args.prompt_column not in dataset.column_names:
             raise ValueError(
                 f"{args.dataset_name} has no column {args.prompt_column!r}; it has {dataset.column_names}."

@@ -80,7 +80,7 @@ def load_preference_dataset(script_args: ScriptArguments):
     return datasets.load_dataset(name, name=script_args.dataset_config)
 
 
-def _select_split(dataset, split: str):
+def select_split(dataset, split: str):
     """``dataset[split]``, accepting slicing syntax such as ``train[:1000]``."""
     if split in dataset:
         return dataset[split]
@@ -106,11 +106,11 @@ def run_training(trainer_class, script_args, training_args, model_args):
     dataset = load_preference_dataset(script_args)
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        eval_dataset = _select_split(dataset, script_args.dataset_test_split)
+        eval_dataset = select_split(dataset, script_args.dataset_test_split)
     trainer = trainer_class(
         model=model,
         args=training_args,
-        train_dataset=_select_split(dataset, script_args.dataset_train_split),
+        train_dataset=select_split(dataset, script_args.dataset_train_split),
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )
