@@ -1,7 +1,7 @@
 """The options a model family reads: a small frozen object built from the trainer's config, not the config itself.
 
-Every field is named as the config field it is read from ([`FamilyOptions.from_config`] copies them by name, so a
-new field needs no extra code). The encoding cache is keyed by [`FamilyOptions.encoding_key`]: every field except
+Every field is named as the config field it is read from ([`FamilyOptions.from_config`][] copies them by name, so a
+new field needs no extra code). The encoding cache is keyed by [`FamilyOptions.encoding_key`][]: every field except
 those marked ``STEP_ONLY`` (options that change noise levels, weights or guidance of the training step, never what
 the frozen VAE and text encoders produce). A new option is therefore part of the cache key unless someone marks it
 step-only: forgetting costs a needless re-encode, never a stale cache.
@@ -17,7 +17,7 @@ STEP_ONLY = {"step_only": True}
 
 @dataclass(frozen=True)
 class FamilyOptions:
-    """What a [`DiffusionFamily`] reads from the training config (see `DiffusionPreferenceConfig` for each field).
+    """What a [`DiffusionFamily`][] reads from the training config (see `DiffusionPreferenceConfig` for each field).
 
     Attributes:
         resolution: side of the square training images.

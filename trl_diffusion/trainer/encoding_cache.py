@@ -2,7 +2,7 @@
 
 The cache mechanics (fingerprints, shards, storage) are in `trl_diffusion.encodings`, which knows nothing of the
 trainer: this module hands it explicit inputs (the family's encode functions and frozen modules, the cache options,
-the processes) and returns what the trainer adopts ([`CachedData`]).
+the processes) and returns what the trainer adopts ([`CachedData`][]).
 
 Every process takes part: each encodes its shards of the pairs, and with ``precompute_ref_errors`` each computes the
 reference errors of its shards of the pairs. Under ZeRO-3 or FSDP the reference is sharded and its forward is
@@ -13,7 +13,7 @@ sharded forward on every rank).
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import send_to_device
@@ -33,6 +33,10 @@ from ..encodings import (
 from ..noise import FIXED_NOISE_STEP, noise_step
 
 
+if TYPE_CHECKING:
+    from .base_trainer import DiffusionPreferenceTrainer
+
+
 logger = logging.getLogger(__name__)
 
 # Keys of a collated batch that stay on the host (the per-pair noise is drawn there)
@@ -44,7 +48,7 @@ class CachedData:
     """What the trainer adopts once its datasets are encoded.
 
     Attributes:
-        train_dataset, eval_dataset: the datasets, encoded where they were [`PreferenceDataset`]s.
+        train_dataset, eval_dataset: the datasets, encoded where they were [`PreferenceDataset`][]s.
         empty_prompt_embeds: the family's encoding of the empty prompt (caption dropout), or ``None``.
         num_skipped: training pairs left out of the cache for an unreadable image.
         release_reference: the reference errors are stored: the frozen reference copy can be released.
@@ -159,13 +163,15 @@ def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {**send_to_device(inputs, device), **host}
 
 
-def prepare_cached_datasets(trainer, prepare_inputs: Callable[[dict], dict] | None = None) -> CachedData | None:
+def prepare_cached_datasets(
+    trainer: "DiffusionPreferenceTrainer", prepare_inputs: Callable[[dict], dict] | None = None
+) -> CachedData | None:
     """Encode the trainer's datasets (every process its shards), add reference errors with ``precompute_ref_errors``;
     ``None`` when the config trains without the cache.
 
     Args:
         trainer: a `DiffusionPreferenceTrainer` (its public attributes: args, family, accelerator, datasets...).
-        prepare_inputs: moves a collated batch to the device as the training step does (default: [`to_device`]).
+        prepare_inputs: moves a collated batch to the device as the training step does (default: [`to_device`][]).
     """
     args, accelerator = trainer.args, trainer.accelerator
     check_cache_options(args, trainer.uses_reference, accelerator)
