@@ -520,7 +520,7 @@ class CacheSize:
 
 
 class EncodedPreferenceDataset(torch.utils.data.Dataset):
-    """The pairs of a [`PreferenceDataset`], read from an encoding cache: examples for the collator.
+    """The pairs of a [`PreferenceDataset`][], read from an encoding cache: examples for the collator.
 
     Each example holds ``latents`` ``(k, C, h, w)`` (and ``latents_flipped``), ``prompt_embeds`` (its prompt's
     ``encode_prompt`` output, per key, read through the pair's ``prompt_index``), ``ref_errors`` ``(k,)`` where
@@ -531,7 +531,7 @@ class EncodedPreferenceDataset(torch.utils.data.Dataset):
         encodings: the ``pairs`` table, one row per readable pair.
         prompt_embeddings: the ``prompts`` table, one row per distinct prompt.
         reference_errors: the reference errors table (one row per pair), or ``None``.
-        source: the [`PreferenceDataset`] it was computed from.
+        source: the [`PreferenceDataset`][] it was computed from.
         fingerprint: the cache's fingerprint; ``folder`` its folder.
         num_skipped: pairs left out because an image was unreadable (``skip_invalid_rows``).
     """
@@ -563,7 +563,7 @@ class EncodedPreferenceDataset(torch.utils.data.Dataset):
 
     @property
     def dataset(self):
-        """The source `datasets.Dataset` (as [`PreferenceDataset.dataset`]), e.g. for the model card's dataset name."""
+        """The source `datasets.Dataset` (as `PreferenceDataset.dataset`), e.g. for the model card's dataset name."""
         return self.source.dataset
 
     @property

@@ -83,7 +83,7 @@ class DiffusionFamily:
         raise NotImplementedError
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Prompt conditioning, one row per prompt, as keyword tensors that [`predict`] understands."""
+        """Prompt conditioning, one row per prompt, as keyword tensors that [`predict`][] understands."""
         raise NotImplementedError
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -63,11 +63,12 @@ def flow_loss_weights(sigmas: torch.Tensor, weighting: str) -> torch.Tensor:
 class FlowMatchingFamily(DiffusionFamily):
     """Shared base of the rectified-flow families (SD3, Flux), configured by the trainer's config.
 
-    Timesteps: ``σ = shift(clamp(density⁻¹(u), 1/T, 1))`` and ``t = σ·T`` (see [`sigmas_from_uniform`]). The clamp
+    Timesteps: ``σ = shift(clamp(density⁻¹(u), 1/T, 1))`` and ``t = σ·T`` (see [`sigmas_from_uniform`][]). The clamp
     keeps ``σ`` on the range of the examples' discrete grid ``{1/T, ..., 1}``. The shift is the scheduler's static
     ``shift`` (SD3: 3.0), which the examples apply through ``scheduler.timesteps``; a scheduler with
-    ``use_dynamic_shifting`` (Flux) shifts by image size: here it leaves ``σ`` unshifted, and [`ResolutionShiftMixin`]
-    applies the pipeline's resolution shift where the family or `resolution_shift` asks for it.
+    ``use_dynamic_shifting`` (Flux) shifts by image size: here it leaves ``σ`` unshifted, and
+    [`ResolutionShiftMixin`][] applies the pipeline's resolution shift where the family or `resolution_shift` asks for
+    it.
 
     Error weights: ``w(σ) = flow_loss_weighting(σ)``, times ``(1 − σ)²`` with ``epsilon_equivalent_errors``.
 

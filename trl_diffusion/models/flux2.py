@@ -28,7 +28,7 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of [`pack_latents`]: ``(B, h·w, C) → (B, C, h, w)``."""
+    """The inverse of [`pack_latents`][]: ``(B, h·w, C) → (B, C, h, w)``."""
     batch, _, channels = tokens.shape
     return tokens.permute(0, 2, 1).reshape(batch, channels, height, width)
 
@@ -57,7 +57,7 @@ class Flux2Family(ResolutionShiftMixin, FlowMatchingFamily):
 
     Latents: the VAE's posterior mode, patchified 2x2 into ``4C`` channels and normalised by the VAE's batch-norm
     statistics, ``z = (patchify(x) − running_mean) / √(running_var + ε)``; training errors are means over that
-    ``(4C, H/2, W/2)`` latent. [`predict`] packs it into one token per position with ids ``(0, row, column, 0)``
+    ``(4C, H/2, W/2)`` latent. [`predict`][] packs it into one token per position with ids ``(0, row, column, 0)``
     (text ids ``(0, 0, 0, l)``), feeds ``σ = t/T`` and, where the transformer has a guidance embedding (dev, not
     klein), ``guidance_scale``.
 

@@ -19,7 +19,7 @@ class QwenImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
     tokens; the transformer attends to those only, and the padding changes no text token's rotary position.
 
     Latents: the VAE (a one-frame video VAE) posterior's mode, normalised per channel,
-    ``z = (x − latents_mean) / latents_std``, as ``(C, H, W)`` images. [`predict`] packs them 2x2 into tokens as
+    ``z = (x − latents_mean) / latents_std``, as ``(C, H, W)`` images. [`predict`][] packs them 2x2 into tokens as
     Flux.1 does, with ``img_shapes = (1, H/2, W/2)``, and feeds ``σ = t/T`` (and ``guidance_scale`` to a
     guidance-distilled transformer).
 

@@ -8,7 +8,7 @@ from .resolution_shift import ResolutionShiftMixin
 
 
 class StableDiffusion3Family(ResolutionShiftMixin, FlowMatchingFamily):
-    """SD3/SD3.5 (``StableDiffusion3Pipeline``), trained with flow matching (see [`FlowMatchingFamily`]).
+    """SD3/SD3.5 (``StableDiffusion3Pipeline``), trained with flow matching (see [`FlowMatchingFamily`][]).
 
     The prompt conditioning is built as ``StableDiffusion3Pipeline.encode_prompt`` builds it (without its second,
     untruncated tokenisation and the truncation warning it logs every step):

@@ -10,7 +10,7 @@ from .stable_diffusion import StableDiffusionFamily
 
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
-    """SDXL. Noise, timesteps and targets (``epsilon`` or ``v_prediction``) are those of [`StableDiffusionFamily`].
+    """SDXL. Noise, timesteps and targets (``epsilon`` or ``v_prediction``) are those of [`StableDiffusionFamily`][].
 
     What differs is the conditioning, built as ``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids``
     build it:

@@ -19,7 +19,7 @@ class WanFamily(FlowMatchingFamily):
       zeroed: ``encoder_hidden_states`` of ``WanPipeline.encode_prompt``.
     - Latents: the VAE posterior's mode, normalised per channel, ``z = (μ − latents_mean) / latents_std`` (the
       inverse of the pipeline's ``z·latents_std + latents_mean`` before decoding).
-    - Noise levels: the flow-matching densities of [`FlowMatchingFamily`], then the scheduler's shift: Wan's
+    - Noise levels: the flow-matching densities of [`FlowMatchingFamily`][], then the scheduler's shift: Wan's
       ``UniPCMultistepScheduler`` with ``use_flow_sigmas`` shifts its sigmas by ``flow_shift`` (3.0 for 480p,
       5.0 for 720p), a ``FlowMatchEulerDiscreteScheduler`` by its static ``shift``. The transformer takes
       ``t = σ·T`` (``T = 1000``), one per sample, or one per latent token for Wan 2.2 TI2V (``expand_timesteps``).

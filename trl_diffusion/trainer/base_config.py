@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 import torch
 from trl.trainer.base_config import _BaseConfig
 
+from ..image_urls import ImageURLOptions
+
 
 # Densities of the flow-matching noise level, and weightings of the velocity error (see `models/flow_matching.py`)
 FLOW_TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
@@ -21,7 +23,7 @@ class DiffusionPreferenceConfig(_BaseConfig):
     """Fields shared by every trl_diffusion trainer: data preparation, augmentation and training-step options.
 
     It subclasses TRL's own base configuration (TRL's defaults: `logging_steps=10`, bf16 unless `fp16` is set), which
-    subclasses [`~transformers.TrainingArguments`]. Only the defaults that differ for diffusion training are changed.
+    subclasses `transformers.TrainingArguments`. Only the defaults that differ for diffusion training are changed.
 
     The parameters come in groups: data and training step; model-family options (see `docs/supported_models.md`);
     video families (see `docs/data.md`); speed and memory (see `docs/performance.md`); saving (see
@@ -45,6 +47,15 @@ class DiffusionPreferenceConfig(_BaseConfig):
             `"label_0"`.
         confidence_column: Optional column of per-pair prior confidence in `[0, 1]` (for example the agreement rate of
             several annotators), used by methods that weight pairs (Adaptive-DPO). Defaults to `None`.
+        image_url_timeout: Image cells holding http(s) URLs are fetched in the data-loader workers: seconds each
+            attempt may wait for the connection and for each read (see `docs/data.md`). Defaults to `10.0`.
+        image_url_retries: Attempts after the first for an image URL that fails (a timeout, a refused connection, a
+            5xx status); a 404, 410, 400, 401 or 403 fails at once. Defaults to `3`.
+        image_url_backoff: Seconds before the first retry of an image URL; each further retry waits twice as long.
+            Defaults to `1.0`.
+        skip_unreachable_urls: Skip a pair whose image URL is still unreachable after the retries (logged with its
+            row and column, and counted in `data/skipped_rows`) instead of raising an error that names them;
+            `skip_invalid_rows` skips such pairs too. Defaults to `False`.
         proportion_empty_prompts: Fraction of pairs whose prompt is replaced by the empty prompt (caption dropout, for
             classifier-free guidance). The prompt is dropped for both images of a pair, never one. Defaults to `0.0`.
         vae_encode_batch_size: Images the VAE encodes at once; lower it to save memory at large resolutions. Defaults
@@ -187,6 +198,17 @@ class DiffusionPreferenceConfig(_BaseConfig):
     )
     confidence_column: str | None = field(
         default=None, metadata={"help": "Optional column of per-pair prior confidence in [0, 1]."}
+    )
+    image_url_timeout: float = field(
+        default=10.0, metadata={"help": "Seconds each attempt to fetch an image URL may wait (connection, reads)."}
+    )
+    image_url_retries: int = field(default=3, metadata={"help": "Retries of an image URL that fails."})
+    image_url_backoff: float = field(
+        default=1.0, metadata={"help": "Seconds before the first retry of an image URL (doubling after)."}
+    )
+    skip_unreachable_urls: bool = field(
+        default=False,
+        metadata={"help": "Skip (and count) pairs whose image URL stays unreachable instead of raising."},
     )
     proportion_empty_prompts: float = field(
         default=0.0, metadata={"help": "Fraction of pairs whose prompt is dropped (for both images)."}
@@ -412,6 +434,7 @@ class DiffusionPreferenceConfig(_BaseConfig):
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be at least 1, got {self.max_sequence_length}.")
         self._check_video_options()
+        ImageURLOptions.from_config(self)  # checks the image URL options
         if self.precompute_encodings and self.uncacheable_reason is not None:
             raise ValueError(
                 f"precompute_encodings caches one fixed crop of each pair; {self.uncacheable_reason}. Leave "
