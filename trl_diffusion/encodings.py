@@ -3,13 +3,13 @@
 The VAE and the text encoders are frozen, so their outputs for a given image and prompt never change. With
 ``precompute_encodings`` the trainer encodes every pair once, before training, and each training step reads latents
 and prompt embeddings instead of decoding images and running the encoders. This module holds the cache's mechanics
-only, with explicit inputs ([`Encoders`]: the encode functions, the frozen modules and what identifies them;
-[`CacheOptions`]: the cache directory and batch sizes; [`ProcessGroup`]: which process this is). What to encode, the
+only, with explicit inputs ([`Encoders`][]: the encode functions, the frozen modules and what identifies them;
+[`CacheOptions`][]: the cache directory and batch sizes; [`ProcessGroup`][]: which process this is). What to encode, the
 empty-prompt embedding and the reference pass are the trainer's business (`trl_diffusion/trainer/encoding_cache.py`).
 
 The rule for what can be cached: a pair's encodings must be a function of the pair alone (fixed crops; with
 ``random_flip`` both flips are cached). The trainer's config decides it (``DiffusionPreferenceConfig.encodings_cached``);
-[`encode_dataset`] refuses a dataset whose crops change every epoch.
+[`encode_dataset`][] refuses a dataset whose crops change every epoch.
 
 Layout. A cache is a folder ``trl-diffusion-encodings-<fingerprint>`` with two parts:
 
@@ -532,7 +532,8 @@ class EncodedPreferenceDataset(torch.utils.data.Dataset):
         prompt_embeddings: the ``prompts`` table, one row per distinct prompt.
         reference_errors: the reference errors table (one row per pair), or ``None``.
         source: the [`PreferenceDataset`][] it was computed from.
-        fingerprint: the cache's fingerprint; ``folder`` its folder.
+        fingerprint: the cache's fingerprint.
+        folder: the cache's folder.
         num_skipped: pairs left out because an image was unreadable (``skip_invalid_rows``).
     """
 

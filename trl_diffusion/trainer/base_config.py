@@ -377,7 +377,7 @@ class DiffusionPreferenceConfig(_BaseConfig):
     @property
     def encodings_cached(self) -> bool:
         """Whether the trainer trains from the encoding cache: ``precompute_encodings``, and by default (``None``)
-        whenever the encodings can be cached (see [`uncacheable_reason`])."""
+        whenever the encodings can be cached (see [`uncacheable_reason`][])."""
         if self.precompute_encodings is None:
             return self.uncacheable_reason is None
         return self.precompute_encodings
