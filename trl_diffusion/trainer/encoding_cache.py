@@ -48,7 +48,8 @@ class CachedData:
     """What the trainer adopts once its datasets are encoded.
 
     Attributes:
-        train_dataset, eval_dataset: the datasets, encoded where they were [`PreferenceDataset`][]s.
+        train_dataset: the training dataset, encoded where it was a [`PreferenceDataset`][].
+        eval_dataset: the evaluation dataset(s), encoded likewise.
         empty_prompt_embeds: the family's encoding of the empty prompt (caption dropout), or ``None``.
         num_skipped: training pairs left out of the cache for an unreadable image.
         release_reference: the reference errors are stored: the frozen reference copy can be released.
@@ -95,7 +96,7 @@ def processes_of(accelerator) -> ProcessGroup:
     return ProcessGroup(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
 
 
-def encoders_of(trainer) -> Encoders:
+def encoders_of(trainer: "DiffusionPreferenceTrainer") -> Encoders:
     """The trainer's family encoders and what identifies them (family, pipeline, model, revision, options)."""
     family = trainer.family
     identity = {
@@ -121,7 +122,7 @@ def cache_options_of(args, dataset: PreferenceDataset) -> CacheOptions:
     )
 
 
-def reference_errors_key(trainer, mode: str) -> dict[str, Any]:
+def reference_errors_key(trainer: "DiffusionPreferenceTrainer", mode: str) -> dict[str, Any]:
     """Everything stored reference errors depend on besides the encodings: the reference's weights, the seed and
     fixed step of the noise, the compute dtype, the family's options, caption dropout and the scheduler."""
     reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
@@ -142,7 +143,10 @@ def reference_errors_key(trainer, mode: str) -> dict[str, Any]:
 
 
 def reference_errors_function(
-    trainer, dataset: EncodedPreferenceDataset, mode: str, prepare_inputs: Callable[[dict], dict]
+    trainer: "DiffusionPreferenceTrainer",
+    dataset: EncodedPreferenceDataset,
+    mode: str,
+    prepare_inputs: Callable[[dict], dict],
 ) -> Callable[[list[int]], torch.Tensor]:
     """Pair indices of ``dataset`` to their ``(B, k)`` reference errors, exactly as the live reference's step."""
 
