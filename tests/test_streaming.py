@@ -4,8 +4,8 @@ import logging
 
 import pytest
 import torch
-from conftest import make_pickapic
 from datasets import Dataset
+from helpers.rows import make_pickapic
 from peft import LoraConfig
 
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
