@@ -1,11 +1,13 @@
 """Streamed datasets: the same row checks as map-style data, split over processes and workers, training and resuming."""
 
 import logging
+import sys
 
 import pytest
 import torch
 from datasets import Dataset
 from helpers.rows import make_pickapic
+from helpers.runs import STRICT, assert_same_weights, run, run_in_process, tiny_args
 from peft import LoraConfig
 
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
@@ -146,3 +148,22 @@ def test_the_uncached_path_is_said_once(tiny_sd, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="trl_diffusion.streaming"):
         _stream_trainer(tiny_sd, tmp_path, make_pickapic(4).to_iterable_dataset())
     assert "encoded on the fly" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_stream_match_one_process(cache_dir, tmp_path):
+    """`trl-diffusion dpo --dataset_streaming true` on 2 CPU processes (DDP, gloo) against 1 process, same global batch.
+
+    The bundled data is one parquet shard, so each process keeps every other row: process 0 rows 0, 2, 4..., process
+    1 rows 1, 3, 5... With no loader workers a row's index is its position in the stream, so both runs give the same
+    pairs the same noise, and each global batch of 4 is the same 4 rows.
+    """
+    stream = [*STRICT, "--dataset_streaming", "true", "--dataloader_num_workers", "0"]
+    run_in_process("dpo", tiny_args(tmp_path / "one", *stream, "--per_device_train_batch_size", "4"))
+    cli = [sys.executable, "-m", "trl_diffusion.scripts.cli", "dpo"]
+    launcher = ["--num_processes", "2", "--multi_gpu", "--use_cpu", "true"]
+    output = run(
+        cli + tiny_args(tmp_path / "two", *stream, "--per_device_train_batch_size", "2", *launcher), cache_dir
+    )
+    assert "Model saved to" in output
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
