@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_pickapic
+from helpers.rows import make_pickapic
 from peft import LoraConfig
 
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer

@@ -379,11 +379,11 @@ class PreferenceDataset(torch.utils.data.Dataset):
         return images
 
     def decode_cell(self, value, row: int, column: str):
-        """Decode one image cell (see [`load_image`]); video datasets decode videos here."""
+        """Decode one image cell (see [`load_image`][]); video datasets decode videos here."""
         return load_image(value, row, column, self.url_options)
 
     def transform_pair(self, images: list, flip: bool | None = None) -> tuple[list[torch.Tensor], list, list]:
-        """The pair's shared crop and flip (see [`paired_transform`]); ``flip`` forces the flip decision."""
+        """The pair's shared crop and flip (see [`paired_transform`][]); ``flip`` forces the flip decision."""
         return paired_transform(images, self.resolution, self.random_crop, self.random_flip, flip=flip)
 
     def transform_options(self) -> dict:
@@ -423,7 +423,7 @@ def _is_probability(value) -> bool:
 
 
 class DiffusionPreferenceCollator:
-    """Stack examples of a [`PreferenceDataset`] into one batch, chosen images first.
+    """Stack examples of a [`PreferenceDataset`][] into one batch, chosen images first.
 
     The batch holds ``pixel_values`` of shape ``(2B, 3, H, W)`` (``[x_w ; x_l]``), ``prompts`` (``B`` strings),
     ``row_index`` (``B``), ``original_sizes`` and ``crop_top_lefts`` (``(2B, 2)``, same order as the pixels),
@@ -437,7 +437,7 @@ class DiffusionPreferenceCollator:
     errors, ``ref_errors`` (``2B``).
 
     Examples with ``pixel_values`` of shape ``(k, 3, H, W)`` (a group of ``k`` images sharing one prompt; ``k = 1``
-    for the unpaired rows of [`UnpairedPreferenceDataset`]) are stacked image-major into ``(kB, 3, H, W)``, and an
+    for the unpaired rows of [`UnpairedPreferenceDataset`][]) are stacked image-major into ``(kB, 3, H, W)``, and an
     example's ``desirable`` flag becomes a ``(B,)`` boolean ``desirable`` tensor.
     """
 

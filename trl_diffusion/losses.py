@@ -108,7 +108,7 @@ def diffusion_dpo_loss(
         max_margin: cap ``m`` on ``z = beta * l``; ``None`` turns it off.
 
     Returns:
-        ``(loss, metrics)``, the scalar loss and per-pair detached metrics (see [`dpo_reward_metrics`]); with a cap,
+        ``(loss, metrics)``, the scalar loss and per-pair detached metrics (see [`dpo_reward_metrics`][]); with a cap,
         also ``guards/capped_fraction`` (1 where ``z > m``), and with an anchor ``guards/sft_loss`` (``e_w``).
     """
     margins = implicit_reward_margin(
@@ -146,7 +146,7 @@ def diffusion_dpo_loss(
 def kto_reference_point(policy_errors: torch.Tensor, ref_errors: torch.Tensor) -> torch.Tensor:
     """Diffusion-KTO's KL estimate before clamping: the batch mean of the implicit reward ``g = r - e``, detached.
 
-    The trainer averages it over processes and clamps it at 0 (see [`diffusion_kto_loss`]).
+    The trainer averages it over processes and clamps it at 0 (see [`diffusion_kto_loss`][]).
     """
     return (ref_errors - policy_errors).detach().mean()
 
@@ -237,7 +237,7 @@ def mapo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Margin-aware Preference Optimization loss (Hong et al. 2024, arXiv 2406.06424), reference-free.
 
-    With ``f(e) = s e / (exp(s e) - 1)`` (``s = snr_value``, see [`mapo_score`]) and ``T = num_train_timesteps``,
+    With ``f(e) = s e / (exp(s e) - 1)`` (``s = snr_value``, see [`mapo_score`][]) and ``T = num_train_timesteps``,
     the margin is ``m = T (f(e_w) - f(e_l))`` and
 
         ``L = mean(e_w) - beta * mean log sigma(m)``
@@ -292,14 +292,14 @@ def annotator_margins(annotator_errors: Sequence[torch.Tensor], ref_errors: torc
 
     For annotator ``m`` (the policy, then the EMA copies of it) with errors ``e^m_w``, ``e^m_l`` on a pair's chosen and
     rejected images, and the reference's ``r_w``, ``r_l``: ``l_m = (r_w - r_l) - (e^m_w - e^m_l)``, the margin of
-    [`implicit_reward_margin`].
+    [`implicit_reward_margin`][].
 
     Args:
         annotator_errors: ``M`` tensors of shape ``(2B,)``, each a batch's errors, chosen images first.
         ref_errors: ``(2B,)`` errors of the reference, in the same order.
 
     Returns:
-        ``(M, B)`` detached margins, the input of [`minority_score_terms`].
+        ``(M, B)`` detached margins, the input of [`minority_score_terms`][].
     """
     ref_chosen, ref_rejected = ref_errors.detach().chunk(2)
     margins = []
@@ -313,7 +313,7 @@ def minority_warmup(global_step: int, warmup_steps: int, num_ema_annotators: int
     """Whether Adaptive-DPO's minority scores are held at ``u = 0`` at a training step (the authors' warm-up).
 
     During the first ``warmup_steps`` optimizer steps the EMA annotators are still settling (the first update makes
-    each a copy of the policy, see [`annotator_ema_decay`]), so their judgement is not used and the loss is plain
+    each a copy of the policy, see [`annotator_ema_decay`][]), so their judgement is not used and the loss is plain
     DPO with its margin. Without EMA annotators the policy alone scores the pairs from the first step, as in the
     authors' code. Evaluation never warms up.
 
@@ -379,7 +379,7 @@ def minority_scores(
     normalize: bool = True,
     prior_confidence: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Adaptive-DPO's per-pair minority score ``u``, detached: the ``u`` of [`minority_score_terms`]."""
+    """Adaptive-DPO's per-pair minority score ``u``, detached: the ``u`` of [`minority_score_terms`][]."""
     return minority_score_terms(annotator_margins, rho, normalize, prior_confidence)["u"]
 
 
@@ -417,7 +417,7 @@ def adaptive_dpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Minority-aware Adaptive-DPO loss (arXiv 2503.16921, as in the authors' released code).
 
-    With the policy's implicit reward margins ``l`` and minority scores ``u`` (see [`minority_scores`]):
+    With the policy's implicit reward margins ``l`` and minority scores ``u`` (see [`minority_scores`][]):
 
     - with ``flip_threshold`` (beyond the paper's loss, as the authors' ``flip_un_label``): pairs with
       ``u > flip_threshold`` are treated as mislabelled, ``l <- -l``;
@@ -477,22 +477,30 @@ def adaptive_dpo_loss_from_errors(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Minority-aware Adaptive-DPO (arXiv 2503.16921) from a batch's denoising errors: the whole method's maths.
 
-    1. The policy's margins ``l = (r_w - r_l) - (e_w - e_l)`` ([`implicit_reward_margin`]).
-    2. Every annotator's margins ``l_m`` ([`annotator_margins`]): the policy's (detached), then each EMA annotator's.
-    3. The minority score ``u`` from their agreement ([`minority_score_terms`]; ``u = 0`` with ``warmup``).
+    1. The policy's margins ``l = (r_w - r_l) - (e_w - e_l)`` ([`implicit_reward_margin`][]).
+    2. Every annotator's margins ``l_m`` ([`annotator_margins`][]): the policy's (detached), then each EMA annotator's.
+    3. The minority score ``u`` from their agreement ([`minority_score_terms`][]; ``u = 0`` with ``warmup``).
     4. ``L = -mean(w * log sigma(beta * l - gamma))`` with the pair weight ``w`` and adaptive margin ``gamma`` of
-       ``u`` ([`adaptive_dpo_loss`], with the optional label flip of [`flip_minority_labels`]).
+       ``u`` ([`adaptive_dpo_loss`][], with the optional label flip of [`flip_minority_labels`][]).
 
     Args:
         policy_errors: ``(2B,)`` errors of the policy, chosen images first.
         ref_errors: ``(2B,)`` errors of the reference.
         ema_annotator_errors: ``(2B,)`` no-grad errors of each EMA annotator, by name (empty: the policy judges
             alone).
-        beta, weight_type, k, c, margin_type, flip_threshold: as for [`adaptive_dpo_loss`].
-        rho, normalize, prior_confidence, warmup: as for [`minority_score_terms`].
+        beta: KL-regularisation strength, on the Diffusion-DPO scale.
+        rho: scale ``rho`` of the annotators' margins inside the minority score.
+        normalize: divide each annotator's margins by their L2 norm over the batch before scaling by ``rho``.
+        prior_confidence: optional ``(B,)`` per-pair prior confidence in ``[0, 1]``, multiplied into the confidence.
+        warmup: hold ``u`` at 0 (the first optimizer steps, see [`minority_warmup`][]).
+        weight_type: pair weight ``1 / (k u + c)`` (``linear``) or ``1 / (k u^2 + c)`` (``quadratic``).
+        k: scale of ``u`` in the pair weight.
+        c: offset of the pair weight.
+        margin_type: adaptive margin ``gamma``: ``quadratic``, ``linear`` or ``none`` (see [`adaptive_dpo_loss`][]).
+        flip_threshold: minority score above which a pair's margin is negated; ``None`` flips nothing.
 
     Returns:
-        ``(loss, metrics)``: the metrics of [`adaptive_dpo_loss`] and [`dpo_reward_metrics`], with
+        ``(loss, metrics)``: the metrics of [`adaptive_dpo_loss`][] and [`dpo_reward_metrics`][], with
         ``adaptive/confidence_mean``, ``adaptive/stability_mean`` (with EMA annotators) and
         ``adaptive/margin_norm/<annotator>`` (``policy``, then each EMA annotator's name), one value per batch
         repeated per pair.

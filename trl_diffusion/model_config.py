@@ -2,7 +2,7 @@
 
 It names the pipeline to load (a Hub id, a local diffusers folder or one of the offline tiny models below), how to
 load it (revision, variant, dtype) and the LoRA adapter to train. The helpers turn it into the objects
-the trainers take: [`load_pipeline`] and [`get_peft_config`].
+the trainers take: [`load_pipeline`][] and [`get_peft_config`][].
 
 Tiny models: `model_name_or_path: tiny-sd` (also every other name in `TINY_MODELS`) builds a tiny,
 randomly initialised pipeline from configs with `trl_diffusion.testing.tiny_models`, saves it once under
@@ -43,7 +43,7 @@ TINY_MODELS = {
 class DiffusionModelConfig:
     """Model arguments of the trl_diffusion scripts: which pipeline to load, how, and which LoRA adapter to train.
 
-    Using [`~transformers.HfArgumentParser`] (or TRL's `TrlParser`) this class becomes command-line flags and YAML
+    Using `transformers.HfArgumentParser` (or TRL's `TrlParser`) this class becomes command-line flags and YAML
     keys, like TRL's `ModelConfig`.
 
     Args:
@@ -70,7 +70,7 @@ class DiffusionModelConfig:
     Note:
         Quantization (QLoRA) is set in the training config, not here: `load_in_4bit`, `load_in_8bit`,
         `bnb_4bit_quant_type`, `bnb_4bit_compute_dtype` and `bnb_4bit_use_double_quant` of
-        [`DiffusionPreferenceConfig`]. With one of them set, the script hands the trainer the model path and the
+        [`DiffusionPreferenceConfig`][]. With one of them set, the script hands the trainer the model path and the
         trainer loads the denoiser quantized.
     """
 

@@ -6,7 +6,7 @@ therefore depend only on the run's seed, the step that seeds them and the pair's
 split into micro-batches or processes: batch 4 and batch 2 x accumulation 2 see the same noise, a resumed run
 continues with the same draws, and a pair's chosen and rejected images share their noise, timestep and flip.
 
-The step that seeds the draws (see [`noise_step`]):
+The step that seeds the draws (see [`noise_step`][]):
 
 - in training, the optimizer step (``TrainerState.global_step``), so each step sees new noise;
 - in evaluation, ``EVAL_NOISE_STEP``, so every evaluation scores the same noise and its metrics are comparable;
@@ -33,7 +33,7 @@ def pair_seed(seed: int, step: int, row: int) -> int:
 
     Args:
         seed: the run's seed (``args.seed``).
-        step: the step that seeds the draws (see [`noise_step`]).
+        step: the step that seeds the draws (see [`noise_step`][]).
         row: the pair's row in its source dataset.
 
     Returns:
@@ -43,7 +43,7 @@ def pair_seed(seed: int, step: int, row: int) -> int:
 
 
 def noise_step(mode: str, global_step: int = 0, fixed_step: int | None = None) -> int:
-    """The step that seeds a pair's draws (see [`pair_seed`]).
+    """The step that seeds a pair's draws (see [`pair_seed`][]).
 
     Args:
         mode: ``"train"`` or ``"eval"``.
@@ -86,7 +86,7 @@ class PairDraws(NamedTuple):
 def pair_randomness(
     row_index: torch.Tensor | list[int], latent_shape: torch.Size | tuple[int, ...], seed: int, step: int
 ) -> PairDraws:
-    """The draws of each pair of a batch, on the host, from one generator per pair seeded by [`pair_seed`].
+    """The draws of each pair of a batch, on the host, from one generator per pair seeded by [`pair_seed`][].
 
     Each pair's generator draws, in this order, its noise ``(*latent_shape)``, then its timestep and caption-dropout
     uniforms, then its flip uniform (drawn last, so that adding the flip left the earlier draws, and past runs'
@@ -96,10 +96,10 @@ def pair_randomness(
         row_index: ``(B,)`` dataset rows of the pairs.
         latent_shape: the shape of one image's latents, ``(C, h, w)`` (or ``(C, F, h, w)`` for videos).
         seed: the run's seed.
-        step: the step that seeds the draws (see [`noise_step`]).
+        step: the step that seeds the draws (see [`noise_step`][]).
 
     Returns:
-        The [`PairDraws`] of the batch, on the CPU.
+        The [`PairDraws`][] of the batch, on the CPU.
     """
     rows = row_index.tolist() if isinstance(row_index, torch.Tensor) else list(row_index)
     noise, uniforms = [], []

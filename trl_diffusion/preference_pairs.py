@@ -1,6 +1,6 @@
 """On-policy preference pairs: sample a model several times per prompt, score the samples, pair the best with the worst.
 
-[`generate_preference_pairs`] samples ``images_per_prompt`` images for every prompt, each from its own fixed seed,
+[`generate_preference_pairs`][] samples ``images_per_prompt`` images for every prompt, each from its own fixed seed,
 scores them with any scorer (``scorer(images, prompts) -> scores``, see `trl_diffusion/scorers.py`), forms pairs
 and returns a Pick-a-Pic-format dataset: ``jpg_0``, ``jpg_1`` (PNG bytes), ``label_0`` (1 where image 0 scored
 higher), ``caption``, plus ``score_0``, ``score_1``, ``seed_0``, ``seed_1`` and ``prompt_index``. Every trainer of
@@ -21,7 +21,7 @@ first (the lower seed), so ``label_0`` records which one won and the column is n
 
 Under ``accelerate launch`` every process generates its own contiguous share of the prompts. A prompt's seeds
 (``seed + prompt_index · N + j``) and its batch (the images of that prompt only) do not depend on the number of
-processes, so N processes produce exactly the pairs of one. [`save_preference_pairs`] writes each process's share
+processes, so N processes produce exactly the pairs of one. [`save_preference_pairs`][] writes each process's share
 and the main process combines them (``save_to_disk``, parquet, or ``push_to_hub``).
 """
 
@@ -95,7 +95,7 @@ def form_pairs(
 
 @dataclass
 class PreferencePairs:
-    """What [`generate_preference_pairs`] made.
+    """What [`generate_preference_pairs`][] made.
 
     Attributes:
         dataset: the pairs this process generated (all of them in a single process), Pick-a-Pic columns.

@@ -1,7 +1,7 @@
 """QLoRA: load the denoiser's frozen base in 4 or 8 bits with bitsandbytes, and train LoRA adapters on top.
 
 The config's ``load_in_4bit`` / ``load_in_8bit`` fields (and ``bnb_4bit_quant_type``, ``bnb_4bit_compute_dtype``,
-``bnb_4bit_use_double_quant``) become a diffusers [`~diffusers.BitsAndBytesConfig`], and the denoiser alone is loaded
+``bnb_4bit_use_double_quant``) become a diffusers `diffusers.BitsAndBytesConfig`, and the denoiser alone is loaded
 with ``from_pretrained(path, subfolder=<unet|transformer>, quantization_config=...)``; the VAE and text encoders load
 as usual (their outputs are usually cached, see `trl_diffusion.encodings`). The reference is still the same network
 with its adapters disabled, i.e. the quantized base.

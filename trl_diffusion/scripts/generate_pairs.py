@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GeneratePairsConfig:
-    """Arguments of `trl-diffusion generate-pairs` (the model to sample comes from [`DiffusionModelConfig`]).
+    """Arguments of `trl-diffusion generate-pairs` (the model to sample comes from [`DiffusionModelConfig`][]).
 
     Args:
         prompts: Prompts to sample. Exactly one of `prompts`, `prompts_file` and `dataset_name` must be given. Defaults

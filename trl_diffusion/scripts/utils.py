@@ -14,7 +14,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DiffusionScriptArguments(ScriptArguments):
-    """TRL's [`~trl.ScriptArguments`] plus the validation images of a diffusion run.
+    """TRL's `trl.ScriptArguments` plus the validation images of a diffusion run.
 
     TRL's fields name the data: `dataset_name`, `dataset_config`, `dataset_train_split`, `dataset_test_split`...
 

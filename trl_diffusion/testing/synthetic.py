@@ -1,13 +1,13 @@
 """A synthetic text-to-image preference task with known true rewards, small enough to train on a CPU.
 
-Images are 16-pixel pictures of one square on a dark, grey background. The caption names the square's hue
-(``"a teal square"``); every other property is drawn at random, independently of the caption and of each other: the
-square's saturation, brightness, size and position, the background's brightness and the amount of pixel noise
-(texture). A tiny Stable Diffusion model pre-trained on these images follows its prompt loosely and reproduces that
-spread, so a preference for any simple image property can be learned from pairs it generates itself, labelled by a
-true reward that no prompt mentions (as the MaPO paper built Pick-Style). [`REWARDS`] names the rule-based rewards this
-module offers; [`self_generated_pairs`] takes any ``scorer(images, prompts) -> scores``. The demo (`make demo`) and
-the efficacy benchmark (`benchmarks/efficacy.py`) use this module.
+Images are 16-pixel pictures of one square on a dark, grey background. The caption names the square's hue (``"a teal
+square"``); every other property is drawn at random, independently of the caption and of each other: the square's
+saturation, brightness, size and position, the background's brightness and the amount of pixel noise (texture). A tiny
+Stable Diffusion model pre-trained on these images follows its prompt loosely and reproduces that spread, so a
+preference for any simple image property can be learned from pairs it generates itself, labelled by a true reward that
+no prompt mentions (as the MaPO paper built Pick-Style). [`REWARDS`][] names the rule-based rewards this module offers;
+[`self_generated_pairs`][] takes any ``scorer(images, prompts) -> scores``. The demo (`make demo`) and the efficacy
+benchmark (`benchmarks/efficacy.py`) use this module.
 """
 
 import json
@@ -129,7 +129,7 @@ def square_mask(images: list[Image.Image], threshold: float = 0.1) -> np.ndarray
 
 
 def size_scorer(images: list[Image.Image], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based: the fraction of the image the square covers (see [`square_mask`]), in ``[0, 1]``."""
+    """Rule-based: the fraction of the image the square covers (see [`square_mask`][]), in ``[0, 1]``."""
     return square_mask(images).mean(axis=(1, 2))
 
 
@@ -142,7 +142,7 @@ def texture_scorer(images: list[Image.Image], prompts: list[str] | None = None) 
 
 
 def rightness_scorer(images: list[Image.Image], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based: the square's horizontal centre (mean column of [`square_mask`]), ``0`` left to ``1`` right."""
+    """Rule-based: the square's horizontal centre (mean column of [`square_mask`][]), ``0`` left to ``1`` right."""
     mask = square_mask(images)
     columns = np.broadcast_to(np.linspace(0, 1, mask.shape[2]), mask.shape)
     counts = mask.sum(axis=(1, 2))
@@ -310,7 +310,7 @@ def self_generated_pairs(
 
     Columns: ``jpg_0``, ``jpg_1``, ``label_0`` (1 where image 0 has the higher reward), ``caption``, ``reward_0``,
     ``reward_1``, ``user_id`` (one of five simulated annotators, 0–4) and ``flipped`` (all ``False``; see
-    [`flip_labels`]).
+    [`flip_labels`][]).
     """
     if pairing not in ("split", "random"):
         raise ValueError(f"pairing must be 'split' or 'random', got {pairing!r}.")

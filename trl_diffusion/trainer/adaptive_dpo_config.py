@@ -5,13 +5,13 @@ from .base_config import DiffusionPreferenceConfig
 
 @dataclass
 class AdaptiveDPOConfig(DiffusionPreferenceConfig):
-    """Configuration class for the [`AdaptiveDPOTrainer`] (minority-aware Adaptive-DPO, arXiv 2503.16921).
+    """Configuration class for the [`AdaptiveDPOTrainer`][] (minority-aware Adaptive-DPO, arXiv 2503.16921).
 
-    Only the parameters specific to Adaptive-DPO are listed here; see [`DiffusionPreferenceConfig`] for the data and
-    step options and [`~transformers.TrainingArguments`] for the rest.
+    Only the parameters specific to Adaptive-DPO are listed here; see [`DiffusionPreferenceConfig`][] for the data and
+    step options and `transformers.TrainingArguments` for the rest.
 
     Args:
-        beta: KL-regularisation strength, on the same scale as [`DiffusionDPOConfig.beta`] (the authors' setting).
+        beta: KL-regularisation strength, on the same scale as `DiffusionDPOConfig.beta` (the authors' setting).
             Defaults to `1000.0`.
         rho: Scale ρ of the annotator margins inside the minority score. Defaults to `15` with normalised margins (the
             authors' setting with EMA annotators) and `1e4` with raw ones (their `logits_rho` default, which their

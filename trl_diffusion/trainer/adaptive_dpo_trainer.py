@@ -26,16 +26,16 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
 
     A Diffusion-DPO loss that weights each pair by how reliable its label looks. Annotators (the policy and EMA copies
     of it, `annotator_ema_decays`) each judge a pair by their implicit reward margin; their agreement gives a minority
-    score ``u`` per pair (see [`minority_scores`]), and the loss
-    ``L = −mean(w·log σ(β·ℓ − γ))`` down-weights pairs with a high ``u`` (see [`adaptive_dpo_loss`]).
+    score ``u`` per pair (see [`minority_scores`][]), and the loss
+    ``L = −mean(w·log σ(β·ℓ − γ))`` down-weights pairs with a high ``u`` (see [`adaptive_dpo_loss`][]).
 
-    The EMA annotators follow the authors' schedule (diffusers `EMAModel`, see [`annotator_ema_decay`]): the first
+    The EMA annotators follow the authors' schedule (diffusers `EMAModel`, see [`annotator_ema_decay`][]): the first
     update after an optimizer step makes each a copy of the policy, later ones average with decay
     ``min(d, (1 + s)/(10 + s))``. With LoRA each EMA annotator is an extra adapter on the same network, updated after
     every optimizer step: one no-grad forward each and almost no memory. With full fine-tuning each is a full copy of
     the denoiser in float32 (4 bytes per parameter each: 3.4 GB per annotator for an SD1.5 UNet).
 
-    See [`DiffusionPreferenceTrainer`] for the arguments.
+    See [`DiffusionPreferenceTrainer`][] for the arguments.
     """
 
     _tag_names = ["trl", "trl-diffusion", "adaptive-dpo"]
@@ -101,7 +101,7 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
     @torch.no_grad()
     def update_annotators(self):
         """``θ_ema ← d_s·θ_ema + (1 − d_s)·θ`` for every annotator after an optimizer step, ``d_s`` on the authors'
-        schedule ([`annotator_ema_decay`]: 0 at the first update, so the annotator becomes a copy of the policy)."""
+        schedule ([`annotator_ema_decay`][]: 0 at the first update, so the annotator becomes a copy of the policy)."""
         self.annotator_updates += 1
         # ZeRO-3 partitions parameters: gather them whole for the update (rank 0's result is re-partitioned).
         with gathered_parameters(self.model, *self.ema_annotators, accelerator=self.accelerator):

@@ -23,7 +23,7 @@ class DiffusionPreferenceConfig(_BaseConfig):
     """Fields shared by every trl_diffusion trainer: data preparation, augmentation and training-step options.
 
     It subclasses TRL's own base configuration (TRL's defaults: `logging_steps=10`, bf16 unless `fp16` is set), which
-    subclasses [`~transformers.TrainingArguments`]. Only the defaults that differ for diffusion training are changed.
+    subclasses `transformers.TrainingArguments`. Only the defaults that differ for diffusion training are changed.
 
     The parameters come in groups: data and training step; model-family options (see `docs/supported_models.md`);
     video families (see `docs/data.md`); speed and memory (see `docs/performance.md`); saving (see
@@ -360,6 +360,27 @@ class DiffusionPreferenceConfig(_BaseConfig):
         metadata={"help": "LoRA files to write: diffusers (always) and/or kohya (ComfyUI, Forge, kohya scripts)."},
     )
 
+    @property
+    def uncacheable_reason(self) -> str | None:
+        """Why a pair's encodings are not a function of the pair alone (so cannot be cached), or ``None``.
+
+        The one place of the rule: random crops (``random_crop``, ``temporal_crop="random"``) change every epoch;
+        flips do not count, since both flips are cached.
+        """
+        if self.random_crop:
+            return "random_crop=True changes each pair's crop every epoch"
+        if self.temporal_crop == "random":
+            return "temporal_crop='random' changes each pair's clip every epoch"
+        return None
+
+    @property
+    def encodings_cached(self) -> bool:
+        """Whether the trainer trains from the encoding cache: ``precompute_encodings``, and by default (``None``)
+        whenever the encodings can be cached (see [`uncacheable_reason`])."""
+        if self.precompute_encodings is None:
+            return self.uncacheable_reason is None
+        return self.precompute_encodings
+
     def _check_video_options(self):
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {self.num_frames}.")
@@ -371,11 +392,6 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"video_columns must name exactly two columns, got {self.video_columns}.")
         if self.video_size is not None and (len(self.video_size) != 2 or min(self.video_size) < 1):
             raise ValueError(f"video_size must be [height, width], got {self.video_size}.")
-        if self.precompute_encodings and self.temporal_crop == "random":
-            raise ValueError(
-                "precompute_encodings caches one clip per pair; temporal_crop='random' changes it every epoch. "
-                "Leave precompute_encodings unset (or False) to train with random temporal crops."
-            )
 
     def __post_init__(self):
         # TRL resolves an unset `bf16` to `not fp16`, which transformers then rejects on a machine without a bf16
@@ -418,13 +434,17 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"max_sequence_length must be at least 1, got {self.max_sequence_length}.")
         self._check_video_options()
         ImageURLOptions.from_config(self)  # checks the image URL options
-        if self.precompute_encodings and self.random_crop:
+        if self.precompute_encodings and self.uncacheable_reason is not None:
             raise ValueError(
-                "precompute_encodings caches centre crops; random_crop=True changes each pair's crop every epoch. "
-                "Leave precompute_encodings unset (or False) to train with random crops."
+                f"precompute_encodings caches one fixed crop of each pair; {self.uncacheable_reason}. Leave "
+                "precompute_encodings unset (or False) to train with random crops."
             )
-        if self.precompute_ref_errors and (self.precompute_encodings is False or self.random_crop):
-            raise ValueError("precompute_ref_errors needs the encoding cache (precompute_encodings, no random_crop).")
+        if self.precompute_ref_errors and not self.encodings_cached:
+            raise ValueError(
+                "precompute_ref_errors needs the encoding cache (precompute_encodings, no random_crop or "
+                "temporal_crop='random'): each pair's stored reference error is for one fixed latent, noise and "
+                "timestep."
+            )
         unknown_formats = sorted(set(self.save_lora_format) - {"diffusers", "kohya"})
         if unknown_formats:
             raise ValueError(f"save_lora_format takes 'diffusers' and/or 'kohya', got {unknown_formats}.")

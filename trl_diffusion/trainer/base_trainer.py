@@ -1,5 +1,6 @@
 """The shared training step of every pairwise preference method for diffusion models."""
 
+import gc
 import json
 import logging
 import os
@@ -10,19 +11,19 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_compiled_module
+from datasets import Dataset
 from diffusers import DiffusionPipeline
 from diffusers.training_utils import cast_training_params
 from huggingface_hub import save_torch_state_dict
 from peft import PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback
+from transformers import DataCollator, Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from ..callbacks import CollapseWarningCallback, read_widget
+from ..callbacks import CollapseWarningCallback, NonFiniteGuard, read_widget
 from ..data import DiffusionPreferenceCollator, PreferenceDataset, PreparationStats
 from ..dtypes import compute_dtype
-from ..encodings import prepare_cached_datasets
 from ..lora_formats import KOHYA_WEIGHT_NAME, export_kohya_lora
 from ..model_card import write_model_card
 from ..model_config import load_pipeline
@@ -41,7 +42,7 @@ from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
 from .checkpoints import begin_checkpoint, mark_checkpoint_complete, resolve_resume_checkpoint
 from .distributed import add_deepspeed_input_cast, prepare_frozen_model
-from .nonfinite import NonFiniteGuard
+from .encoding_cache import CachedData, prepare_cached_datasets
 
 
 logger = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ class DenoisingStep:
 
     More generally, each of the ``B`` examples of a batch is a group of ``k = group_size`` images that share a prompt,
     a noise tensor and a timestep, stored image-major (image 0 of every example, then image 1, ...): ``k = 2`` for a
-    pair ``[x_w ; x_l]``, ``k = 1`` for the unpaired rows of [`UnpairedPreferenceDataset`] (Diffusion-KTO). ``k`` is
+    pair ``[x_w ; x_l]``, ``k = 1`` for the unpaired rows of [`UnpairedPreferenceDataset`][] (Diffusion-KTO). ``k`` is
     read from the batch (images per ``row_index``), so a method needs no switch for it.
 
     Attributes:
@@ -123,9 +124,10 @@ class DiffusionPreferenceTrainer(Trainer):
     Each step takes ``B`` pairs as ``[x_w ; x_l]`` latents, draws one noise tensor and one timestep per pair (shared by
     its two images), computes the per-sample denoising errors ``e = mean_{C,H,W} (prediction - target)^2`` of the
     policy in float32 (and of the reference under ``torch.no_grad()`` where the method has one), and hands them to the
-    method's loss function. A method subclass sets the class attributes and implements [`preference_loss`]; an unpaired
-    method (one image per example, as Diffusion-KTO) also sets ``dataset_class`` to [`UnpairedPreferenceDataset`], and
-    the step then gives each image its own noise and timestep (``DenoisingStep.group_size == 1``).
+    method's loss function. A method subclass sets the class attributes and implements [`preference_loss`][]; an
+    unpaired method (one image per example, as Diffusion-KTO) also sets ``dataset_class`` to
+    [`UnpairedPreferenceDataset`][], and the step then gives each image its own noise and timestep
+    (``DenoisingStep.group_size == 1``).
 
     Args:
         model: a diffusers pipeline folder or Hub id (loaded with ``DiffusionPipeline.from_pretrained``), or a loaded
@@ -134,11 +136,13 @@ class DiffusionPreferenceTrainer(Trainer):
             holding one (a pipeline folder or the denoiser's own folder). By default the reference is a frozen copy of
             the initial denoiser. With LoRA the reference is the same network with its adapters disabled.
         args: the method's config.
-        data_collator: defaults to [`DiffusionPreferenceCollator`].
-        train_dataset, eval_dataset: `datasets.Dataset` in the Pick-a-Pic or TRL-style schema (see `data.py`), or
-            a ready [`PreferenceDataset`].
+        data_collator: defaults to [`DiffusionPreferenceCollator`][].
+        train_dataset: a `datasets.Dataset` in the Pick-a-Pic or TRL-style schema (see `data.py`), or a ready
+            [`PreferenceDataset`][].
+        eval_dataset: as ``train_dataset``, or a dict of them by name.
         processing_class: unused (prompts are tokenized by the pipeline's own tokenizers); accepted for TRL's API.
-        callbacks, optimizers: as for [`~transformers.Trainer`].
+        callbacks: as for `transformers.Trainer`.
+        optimizers: ``(optimizer, lr_scheduler)``, as for `transformers.Trainer`.
         peft_config: a `peft.LoraConfig`. LoRA adapters are added to the denoiser and only they train. When its
             ``target_modules`` is ``None``, the model family's default attention projections are used.
     """
@@ -162,12 +166,12 @@ class DiffusionPreferenceTrainer(Trainer):
         model: str | DiffusionPipeline,
         ref_model: str | torch.nn.Module | None = None,
         args: DiffusionPreferenceConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | PreferenceDataset | None = None,
+        eval_dataset: Dataset | PreferenceDataset | dict[str, Dataset | PreferenceDataset] | None = None,
+        processing_class: Any = None,
         callbacks: list[TrainerCallback] | None = None,
-        optimizers=(None, None),
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LRScheduler | None] = (None, None),
         peft_config: PeftConfig | None = None,
     ):
         if args is None:
@@ -191,14 +195,14 @@ class DiffusionPreferenceTrainer(Trainer):
         )
         self._setup_step_state(args)
         self._place_frozen_networks(denoiser, args)
-        # Encoding cache (`precompute_encodings`) and precomputed reference errors: see `trl_diffusion.encodings`
-        prepare_cached_datasets(self)
+        # Encoding cache (`precompute_encodings`) and precomputed reference errors: see `trainer/encoding_cache.py`
+        self._use_cached_data(prepare_cached_datasets(self, self._prepare_inputs))
 
     # ----- set-up -----
 
     @property
     def _uses_reference(self) -> bool:
-        """The former name of [`uses_reference`]."""
+        """The former name of [`uses_reference`][]."""
         return self.uses_reference
 
     def _check_reference_arguments(self, ref_model, args: DiffusionPreferenceConfig, peft_config) -> None:
@@ -213,8 +217,8 @@ class DiffusionPreferenceTrainer(Trainer):
             )
 
     def _setup_pipeline(self, model: str | DiffusionPipeline, args: DiffusionPreferenceConfig) -> DiffusionPipeline:
-        """Load the pipeline (see [`~trl_diffusion.model_config.load_pipeline`]), find its family and freeze the
-        VAE and text encoders in the compute dtype."""
+        """Load the pipeline (see [`load_pipeline`][trl_diffusion.model_config.load_pipeline]), find its family and
+        freeze the VAE and text encoders in the compute dtype."""
         if isinstance(model, DiffusionPipeline):
             pipeline, self.model_name_or_path = model, model.name_or_path or type(model).__name__
         elif isinstance(model, (str, os.PathLike)):
@@ -314,6 +318,20 @@ class DiffusionPreferenceTrainer(Trainer):
                 self.ref_model, backend=args.torch_compile_backend, mode=args.torch_compile_mode
             )
 
+    def _use_cached_data(self, cached: CachedData | None) -> None:
+        """Train from the encoding caches; with stored reference errors, release the frozen reference copy."""
+        if cached is None:
+            return
+        self.train_dataset, self.eval_dataset = cached.train_dataset, cached.eval_dataset
+        self._empty_prompt_embeds = cached.empty_prompt_embeds
+        self._skipped_rows["train"] += cached.num_skipped
+        if cached.release_reference:
+            # The reference's work is done: no reference model sits in memory during training.
+            self.ref_model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
     def _create_reference(self, ref_model, denoiser: torch.nn.Module) -> torch.nn.Module:
         """A frozen reference denoiser in the compute dtype: a copy of the initial policy unless one is given."""
         if ref_model is None:
@@ -402,7 +420,7 @@ class DiffusionPreferenceTrainer(Trainer):
 
     def prepare_step(self, inputs: dict[str, Any], mode: str = "train") -> DenoisingStep:
         """Encode a collated batch, or read its cached encodings, and draw its shared noise and timesteps (see
-        [`DenoisingStep`]). Nothing is copied from the device to the host: random decisions are made on the host
+        [`DenoisingStep`][]). Nothing is copied from the device to the host: random decisions are made on the host
         (the uncached caption dropout) or on the device (the cached one, the flip of a cached pair)."""
         with torch.no_grad():
             cached = "latents" in inputs
@@ -522,7 +540,7 @@ class DiffusionPreferenceTrainer(Trainer):
         raise NotImplementedError
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """[`~transformers.Trainer.evaluate`], accepting a raw `datasets.Dataset` in either preference schema."""
+        """`transformers.Trainer.evaluate`, accepting a raw `datasets.Dataset` in either preference schema."""
         eval_dataset = self._wrap_dataset(eval_dataset, self.args)
         refuse_eval_stream(eval_dataset)
         return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -590,13 +608,13 @@ class DiffusionPreferenceTrainer(Trainer):
     # ----- saving, loading and the Hub -----
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """[`~transformers.Trainer.train`]; ``resume_from_checkpoint`` must be a complete checkpoint (``True``: the
+        """`transformers.Trainer.train`; ``resume_from_checkpoint`` must be a complete checkpoint (``True``: the
         last complete one in ``output_dir``), else a clear error is raised before anything loads."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """[`~transformers.Trainer.save_model`], refusing non-finite weights (see [`NonFiniteGuard`])."""
+        """`transformers.Trainer.save_model`, refusing non-finite weights (see [`NonFiniteGuard`][])."""
         self.nonfinite_guard.check_weights(output_dir or self.args.output_dir)
         super().save_model(output_dir, _internal_call)
 
@@ -649,7 +667,7 @@ class DiffusionPreferenceTrainer(Trainer):
         self.create_model_card(output_dir=output_dir)
 
     def saved_model_files(self) -> list[str]:
-        """Glob patterns of the files [`save_model`] writes: what `push_to_hub` uploads, and nothing else."""
+        """Glob patterns of the files [`save_model`][] writes: what `push_to_hub` uploads, and nothing else."""
         # The validation images the model card shows as its widget gallery, if any
         common = ["README.md", "training_config.json"] + [
             entry["output"]["url"] for entry in read_widget(self.args.output_dir) or []

@@ -6,10 +6,10 @@ from .base_config import DiffusionPreferenceConfig
 
 @dataclass
 class DiffusionDPOConfig(DiffusionPreferenceConfig):
-    """Configuration class for the [`DiffusionDPOTrainer`] (Wallace et al. 2023, arXiv 2311.12908).
+    """Configuration class for the [`DiffusionDPOTrainer`][] (Wallace et al. 2023, arXiv 2311.12908).
 
-    Only the parameters specific to Diffusion-DPO are listed here; see [`DiffusionPreferenceConfig`] for the data and
-    step options and [`~transformers.TrainingArguments`] for the rest. The guards against collapse are explained in
+    Only the parameters specific to Diffusion-DPO are listed here; see [`DiffusionPreferenceConfig`][] for the data and
+    step options and `transformers.TrainingArguments` for the rest. The guards against collapse are explained in
     `docs/guards.md`.
 
     Args:

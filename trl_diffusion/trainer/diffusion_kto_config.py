@@ -5,10 +5,10 @@ from .base_config import DiffusionPreferenceConfig
 
 @dataclass
 class DiffusionKTOConfig(DiffusionPreferenceConfig):
-    """Configuration class for the [`DiffusionKTOTrainer`] (Li et al. 2024, arXiv 2404.04465).
+    """Configuration class for the [`DiffusionKTOTrainer`][] (Li et al. 2024, arXiv 2404.04465).
 
-    Only the parameters specific to Diffusion-KTO are listed here; see [`DiffusionPreferenceConfig`] for the data and
-    step options and [`~transformers.TrainingArguments`] for the rest. `per_device_train_batch_size` counts images
+    Only the parameters specific to Diffusion-KTO are listed here; see [`DiffusionPreferenceConfig`][] for the data and
+    step options and `transformers.TrainingArguments` for the rest. `per_device_train_batch_size` counts images
     (rows), where the pairwise methods count pairs: give KTO twice the pairwise batch for the same images per step.
 
     Args:

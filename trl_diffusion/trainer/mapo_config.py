@@ -5,10 +5,10 @@ from .base_config import DiffusionPreferenceConfig
 
 @dataclass
 class MaPOConfig(DiffusionPreferenceConfig):
-    """Configuration class for the [`MaPOTrainer`] (Hong et al. 2024, arXiv 2406.06424).
+    """Configuration class for the [`MaPOTrainer`][] (Hong et al. 2024, arXiv 2406.06424).
 
-    Only the parameters specific to MaPO are listed here; see [`DiffusionPreferenceConfig`] for the data and step
-    options and [`~transformers.TrainingArguments`] for the rest.
+    Only the parameters specific to MaPO are listed here; see [`DiffusionPreferenceConfig`][] for the data and step
+    options and `transformers.TrainingArguments` for the rest.
 
     Args:
         beta: Weight of the margin term: `L = mean(e_w) − β·mean log σ(T·(f(e_w) − f(e_l)))`. MaPO has no reference
