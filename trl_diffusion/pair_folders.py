@@ -8,7 +8,7 @@ The layout::
       captions/NAME.txt      the prompt of pair NAME (UTF-8 text; leading and trailing whitespace is stripped)
 
 or, instead of ``captions/``, one ``metadata.jsonl`` at the top with a line ``{"name": "NAME", "caption": "..."}`` per
-pair. [`load_pair_folder`] reads it into a `datasets.Dataset` in the TRL-style schema (``chosen``, ``rejected``,
+pair. `load_pair_folder` reads it into a `datasets.Dataset` in the TRL-style schema (``chosen``, ``rejected``,
 ``prompt``, plus ``name``), which every trainer takes; the TRL-style scripts take the folder as ``--dataset_name``.
 
 Nothing is dropped silently. A pair with an image on one side only, without a caption, or with an image that cannot be
@@ -22,9 +22,13 @@ import logging
 import os
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from PIL import Image
 
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +38,7 @@ SIDES = ("chosen", "rejected")
 
 @dataclass
 class _FolderReport:
-    """What [`load_pair_folder`] left out, by reason (each list holds file paths)."""
+    """What `load_pair_folder` left out, by reason (each list holds file paths)."""
 
     unmatched: list[str] = field(default_factory=list)
     missing_captions: list[str] = field(default_factory=list)
@@ -50,7 +54,7 @@ def is_pair_folder(path) -> bool:
     return all(os.path.isdir(os.path.join(str(path), side)) for side in SIDES)
 
 
-def load_pair_folder(path, skip_invalid_rows: bool = False, check_images: bool = True):
+def load_pair_folder(path: str | os.PathLike, skip_invalid_rows: bool = False, check_images: bool = True) -> "Dataset":
     """Read a folder of pairs (see the module docstring) into a TRL-style `datasets.Dataset`.
 
     Args:
@@ -59,8 +63,8 @@ def load_pair_folder(path, skip_invalid_rows: bool = False, check_images: bool =
         check_images: open every image's header now, so that an unreadable one is named before training.
 
     Returns:
-        A `datasets.Dataset` with columns ``name``, ``chosen`` and ``rejected`` (`datasets.Image` columns of file
-        paths) and ``prompt``, one row per pair, in name order.
+        One row per pair, in name order, with the columns ``name``, ``chosen`` and ``rejected`` (`datasets.Image`
+        columns of file paths) and ``prompt``.
 
     Raises:
         ValueError: a missing sub-folder, a duplicate image name, an unmatched image, a missing caption or an

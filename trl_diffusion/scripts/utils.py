@@ -60,7 +60,7 @@ def load_preference_dataset(script_args: ScriptArguments, skip_invalid_rows: boo
 
     A folder written by ``save_to_disk`` is read with ``load_from_disk``, which ``load_dataset`` refuses, and a folder
     of pairs (``chosen/``, ``rejected/``, ``captions/``; see `trl_diffusion.pair_folders`) with
-    [`load_pair_folder`] (``skip_invalid_rows`` leaves out, and counts, its bad pairs). With ``dataset_streaming`` the
+    `load_pair_folder` (``skip_invalid_rows`` leaves out, and counts, its bad pairs). With ``dataset_streaming`` the
     splits are `datasets.IterableDataset` streams: a Hub or data-file dataset is streamed by ``load_dataset``, a local
     folder is read as a one-shard stream.
     """
