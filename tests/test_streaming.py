@@ -6,6 +6,7 @@ import sys
 import pytest
 import torch
 from datasets import Dataset
+from datasets import Image as ImageFeature
 from helpers.rows import make_pickapic
 from helpers.runs import STRICT, assert_same_weights, run, run_in_process, tiny_args
 from peft import LoraConfig
@@ -41,6 +42,20 @@ def test_a_bad_streamed_row_raises_naming_its_position_and_column():
     stream = StreamingPreferenceDataset(_with_bad_rows().to_iterable_dataset(), resolution=8)
     with pytest.raises(ValueError, match=r"Row 6 of the stream, column 'caption': expected a string caption"):
         list(stream)
+
+
+def test_image_features_confidences_and_trl_columns_stream_as_in_a_table():
+    data = make_pickapic(4).cast_column("jpg_0", ImageFeature()).cast_column("jpg_1", ImageFeature())
+    data = data.add_column("agreement", [1.0, 0.5, 0.75, 0.25])
+    streamed = list(
+        StreamingPreferenceDataset(data.to_iterable_dataset(), resolution=8, confidence_column="agreement")
+    )
+    mapped = PreferenceDataset(data, resolution=8, confidence_column="agreement")
+    assert [e["confidence"] for e in streamed] == [mapped[i]["confidence"] for i in range(4)] == [1.0, 0.5, 0.75, 0.25]
+    assert all(torch.equal(e["chosen_pixel_values"], mapped[i]["chosen_pixel_values"]) for i, e in enumerate(streamed))
+    trl = Dataset.from_dict({"chosen": data["jpg_0"][:1], "rejected": data["jpg_1"][:1], "prompt": ["p"]})
+    (example,) = StreamingPreferenceDataset(trl.to_iterable_dataset(), resolution=8)
+    assert example["prompt"] == "p" and example["dropped_ties"] == 0
 
 
 def test_processes_and_workers_read_disjoint_parts_that_cover_the_stream():
