@@ -14,6 +14,7 @@ from peft import LoraConfig
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
 from trl_diffusion.data import DiffusionPreferenceCollator, PreferenceDataset
 from trl_diffusion.streaming import StreamingPreferenceDataset
+from trl_diffusion.unpaired import UnpairedPreferenceDataset
 
 
 def _with_bad_rows(num_rows: int = 8) -> Dataset:
@@ -124,6 +125,25 @@ def test_training_on_a_stream_updates_the_adapter_and_logs_the_drops(tiny_sd, tm
     logs = [entry for entry in trainer.state.log_history if "data/dropped_ties" in entry]
     # Batches of 2 pairs: rows (0, 2) after the tie at 1; (3, 5) after the tie at 4; (7,) after row 6's caption
     assert [(e["data/dropped_ties"], e["data/skipped_rows"]) for e in logs] == [(1, 0), (2, 0), (2, 1)]
+
+
+def test_loader_workers_read_their_own_shards_and_their_drops_add_up(tiny_sd, tmp_path):
+    """2 workers over a 2-shard stream: worker 0 reads rows 0-3 (a tie at 1), worker 1 rows 4-7 (a tie at 4, a bad
+    caption at 6); the 5 pairs take 3 steps (batches alternate between the workers), and the drops sum to the table's."""
+    stream = _with_bad_rows().to_iterable_dataset(num_shards=2)
+    trainer = _stream_trainer(tiny_sd, tmp_path, stream, skip_invalid_rows=True, dataloader_num_workers=2)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "data/dropped_ties" in entry]
+    assert [(e["data/dropped_ties"], e["data/skipped_rows"]) for e in logs] == [(1, 0), (2, 1), (2, 1)]
+
+
+def test_streams_of_unpaired_rows_or_videos_are_refused():
+    stream = make_pickapic(2).to_iterable_dataset()
+    args = DiffusionDPOConfig(output_dir="unused", report_to="none")
+    with pytest.raises(NotImplementedError, match="streaming UnpairedPreferenceDataset rows is not supported"):
+        StreamingPreferenceDataset.for_trainer(stream, args, UnpairedPreferenceDataset, is_video=False)
+    with pytest.raises(NotImplementedError, match="streaming video pairs is not supported"):
+        StreamingPreferenceDataset.for_trainer(stream, args, PreferenceDataset, is_video=True)
 
 
 def test_resuming_a_stream_replays_it_to_the_uninterrupted_weights(tiny_sd, tmp_path):
