@@ -5,8 +5,8 @@ Minority-aware Adaptive-DPO (arXiv 2503.16921): Diffusion-DPO with per-pair weig
 ```bash
 accelerate launch --config_file multi_gpu.yaml trl_diffusion/scripts/adaptive_dpo.py \
     --model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
-    --dataset_name yuvalkirstain/pickapic_v2 \
-    --dataset_train_split "train[:100000]" \
+    --dataset_name data-is-better-together/open-image-preferences-v1-binarized \
+    --dataset_train_split train \
     --use_peft --lora_r 8 --lora_alpha 8 \
     --beta 1000 --rho 15 \
     --annotator_ema_decays 0.5 0.9999 \
