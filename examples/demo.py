@@ -87,7 +87,7 @@ def train(args: argparse.Namespace, base_path: str, dataset) -> str:
         dataloader_pin_memory=False,
         **method_options,
     )
-    accuracy_key = trainer._accuracy_metric
+    accuracy_key = trainer.accuracy_metric
     print(f"      step   loss    {accuracy_key}")
     for entry in trainer.state.log_history:
         if "loss" in entry:

@@ -7,13 +7,17 @@ from diffusers.training_utils import EMAModel
 
 from trl_diffusion.losses import (
     adaptive_dpo_loss,
+    adaptive_dpo_loss_from_errors,
     annotator_ema_decay,
+    annotator_margins,
     diffusion_dpo_loss,
     diffusion_kto_loss,
+    flip_minority_labels,
     mapo_loss,
     mapo_score,
     minority_score_terms,
     minority_scores,
+    minority_warmup,
     preference_accuracy,
 )
 
@@ -229,6 +233,71 @@ def test_adaptive_dpo_loss_flips_pairs_above_the_threshold():
     expected, _ = adaptive_dpo_loss(flipped, u, beta=beta)
     torch.testing.assert_close(loss, expected)
     assert metrics["adaptive/flipped_fraction"].tolist() == [0.0, 1.0, 1.0, 0.0]
+
+
+def test_annotator_margins_are_each_annotators_implicit_reward_margin():
+    """``l_m = (r_w - r_l) - (e^m_w - e^m_l)`` per annotator, from ``(2B,)`` errors (chosen first), detached."""
+    policy = torch.cat([E_W, E_L]).requires_grad_(True)
+    ema = torch.tensor([0.10, 0.21, 0.28, 0.30, 0.13, 0.18, 0.33, 0.38])
+    margins = annotator_margins([policy, ema], torch.cat([R_W, R_L]))
+    expected_policy = [(rw - rl) - (ew - el) for ew, el, rw, rl in zip(E_W, E_L, R_W, R_L, strict=True)]
+    expected_ema = [(rw - rl) - (ew - el) for ew, el, rw, rl in zip(ema[:4], ema[4:], R_W, R_L, strict=True)]
+    torch.testing.assert_close(margins, torch.tensor([expected_policy, expected_ema]))
+    assert margins.shape == (2, 4) and not margins.requires_grad
+
+
+def test_minority_warmup_only_while_ema_annotators_settle():
+    assert minority_warmup(global_step=0, warmup_steps=2, num_ema_annotators=2)
+    assert minority_warmup(global_step=1, warmup_steps=2, num_ema_annotators=1)
+    assert not minority_warmup(global_step=2, warmup_steps=2, num_ema_annotators=2)
+    assert not minority_warmup(global_step=0, warmup_steps=2, num_ema_annotators=0)  # the policy judges from step 0
+    assert not minority_warmup(global_step=0, warmup_steps=0, num_ema_annotators=2)
+
+
+def test_flip_minority_labels_negates_pairs_above_the_threshold():
+    margins = torch.tensor([0.5, -0.2, 0.3, 0.1])
+    u = torch.tensor([0.1, 0.6, 0.5, 0.9])
+    flipped_margins, flipped = flip_minority_labels(margins, u, threshold=0.5)
+    assert flipped.tolist() == [False, True, False, True]  # strictly above the threshold
+    assert torch.equal(flipped_margins, torch.tensor([0.5, 0.2, 0.3, -0.1]))
+    unchanged, none = flip_minority_labels(margins, u, threshold=None)
+    assert unchanged is margins and not none.any()
+
+
+@pytest.mark.parametrize("num_ema", [0, 2])
+def test_adaptive_dpo_loss_from_errors_is_the_composition_of_its_steps(num_ema):
+    """The policy's margins, every annotator's margins, ``u`` from their agreement, and the weighted loss."""
+    generator = torch.Generator().manual_seed(0)
+    policy = (torch.rand(8, generator=generator) * 0.2 + 0.1).requires_grad_(True)
+    ref = torch.rand(8, generator=generator) * 0.2 + 0.1
+    emas = {f"ema_{i}": torch.rand(8, generator=generator) * 0.2 + 0.1 for i in range(num_ema)}
+    prior = torch.tensor([1.0, 0.5, 0.8, 1.0])
+    options = {"beta": 50.0, "weight_type": "quadratic", "k": 5.0, "c": 2.0, "margin_type": "linear"}
+    loss, metrics = adaptive_dpo_loss_from_errors(
+        policy, ref, emas, rho=3.0, normalize=bool(num_ema), prior_confidence=prior, flip_threshold=0.4, **options
+    )
+    e_w, e_l, r_w, r_l = *policy.detach().chunk(2), *ref.chunk(2)
+    margins = (r_w - r_l) - (e_w - e_l)
+    judged = torch.stack([margins] + [(r_w - r_l) - (e.chunk(2)[0] - e.chunk(2)[1]) for e in emas.values()])
+    z = 3.0 * (judged / judged.norm(dim=1, keepdim=True) if num_ema else judged)
+    confidence = torch.sigmoid(z).mean(0) * prior
+    u = (confidence - 1).abs() * z.std(0).clamp(max=1) if num_ema else 1 - confidence
+    signed = torch.where(u > 0.4, -margins, margins)
+    w = 1 / (5.0 * u**2 + 2.0)
+    gamma = -u / 50.0 + signed.mean()
+    torch.testing.assert_close(loss.detach(), -(w * F.logsigmoid(50.0 * signed - gamma)).mean())
+    torch.testing.assert_close(metrics["adaptive/u_mean"], u)
+    torch.testing.assert_close(metrics["adaptive/confidence_mean"], confidence)
+    assert ("adaptive/stability_mean" in metrics) == bool(num_ema)
+    names = ["policy", *emas]
+    assert [key.rsplit("/", 1)[1] for key in metrics if key.startswith("adaptive/margin_norm/")] == names
+    torch.testing.assert_close(metrics["adaptive/margin_norm/policy"], margins.norm().expand(4))
+    torch.testing.assert_close(metrics["rewards/margins"], 50.0 * margins)
+    loss.backward()
+    assert policy.grad is not None and torch.isfinite(policy.grad).all()
+    warm, warm_metrics = adaptive_dpo_loss_from_errors(policy, ref, emas, rho=3.0, warmup=True, **options)
+    assert warm_metrics["adaptive/u_mean"].tolist() == [0.0] * 4
+    torch.testing.assert_close(warm.detach(), -(F.logsigmoid(50.0 * margins - margins.mean()) / 2.0).mean())
 
 
 # ----- guards against collapse (Diffusion-DPO) -----

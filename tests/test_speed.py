@@ -16,7 +16,8 @@ from transformers import TrainerCallback
 
 from trl_diffusion import DiffusionDPOConfig
 from trl_diffusion.data import PreferenceDataset
-from trl_diffusion.encodings import FIXED_NOISE_STEP, EncodedPreferenceDataset
+from trl_diffusion.encodings import EncodedPreferenceDataset
+from trl_diffusion.noise import FIXED_NOISE_STEP, noise_step, pair_randomness
 from trl_diffusion.trainer.base_trainer import DiffusionPreferenceTrainer
 
 
@@ -158,12 +159,12 @@ def test_cache_with_random_flip_stores_both_flips_and_pairs_share_one(tiny_sd, t
     torch.testing.assert_close(cached["latents"], trainer.encode_images(pixels), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cached["latents_flipped"], trainer.encode_images(pixels.flip(-1)), rtol=1e-5, atol=1e-5)
     step = trainer.prepare_step(cached)
-    _, uniforms, _ = trainer._pair_randomness(cached["row_index"], cached["latents"].shape[1:], "train")
-    flips = (uniforms[:, 2] < 0.5).tolist()
+    seeded_step = noise_step("train", trainer.state.global_step)
+    draws = pair_randomness(cached["row_index"], cached["latents"].shape[1:], seed=trainer.args.seed, step=seeded_step)
+    flips = (draws.flip < 0.5).tolist()
     assert 0 < sum(flips) < len(flips)  # both choices occur among 8 pairs
     latents = step.noisy_latents  # with the same noise, pick the latents back out
-    noise, _, _ = trainer._pair_randomness(cached["row_index"], cached["latents"].shape[1:], "train")
-    noise = noise.repeat(2, 1, 1, 1)
+    noise = draws.noise.repeat(2, 1, 1, 1)
     for half in (0, 1):  # chosen and rejected rows of each pair come from the same flip
         for pair, flip in enumerate(flips):
             row = half * len(indices) + pair
@@ -226,7 +227,7 @@ def test_precomputed_reference_errors_equal_the_live_reference_and_free_it(tiny_
     assert _live_unets() - before == 1  # the policy only: the reference copy was released after its one pass
     live = make_trainer(tiny_sd, tmp_path / "live", peft=False, **sgd)
     assert live.ref_model is not None
-    live._noise_step = lambda mode: FIXED_NOISE_STEP if mode == "train" else -1  # the same fixed noise
+    live.fixed_noise_step = FIXED_NOISE_STEP  # the same fixed noise
     indices = [0, 3, 5, 6]
     inputs = batch(precomputed, indices)
     step = live.prepare_step(batch(live, indices))

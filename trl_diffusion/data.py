@@ -18,10 +18,17 @@ import os
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+from .image_urls import ImageURLOptions, UnreachableImageError, fetch_url, is_url
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 logger = logging.getLogger(__name__)
@@ -81,8 +88,14 @@ def encode_png(image: Image.Image | np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def load_image(value, row: int, column: str) -> Image.Image:
-    """Decode one image cell into an RGB PIL image, or raise a `ValueError` naming the row and column."""
+def load_image(value, row: int, column: str, url_options: ImageURLOptions | None = None) -> Image.Image:
+    """Decode one image cell into an RGB PIL image, or raise a `ValueError` naming the row and column.
+
+    A cell holding an http(s) URL is fetched first (see `trl_diffusion.image_urls`); one that stays unreachable
+    raises an `UnreachableImageError`.
+    """
+    if is_url(value):
+        value = fetch_url(value, url_options or ImageURLOptions(), row, column)
     try:
         if isinstance(value, Image.Image):
             image = value
@@ -149,13 +162,19 @@ class PreferenceDataset(torch.utils.data.Dataset):
         random_flip: flip the pair horizontally with probability 1/2.
         drop_ties: drop pairs labelled 0.5 (counted and logged). Ties cannot be kept: a pairwise loss needs a winner.
         skip_invalid_rows: drop rows with a bad label, caption or image (counted and logged) instead of raising.
-        caption_column, image_columns, label_column: column names of the Pick-a-Pic schema.
+        caption_column: prompt column of the Pick-a-Pic schema.
+        image_columns: the two image columns of the Pick-a-Pic schema.
+        label_column: label column of the Pick-a-Pic schema (1: the first image is preferred, 0: the second, 0.5: a
+            tie).
         confidence_column: optional column of per-pair prior confidence in ``[0, 1]``.
+        url_options: how image cells holding http(s) URLs are fetched (see `trl_diffusion.image_urls`).
     """
+
+    url_options: ImageURLOptions = ImageURLOptions()
 
     def __init__(
         self,
-        dataset,
+        dataset: "Dataset",
         resolution: int = 512,
         random_crop: bool = False,
         random_flip: bool = False,
@@ -165,23 +184,98 @@ class PreferenceDataset(torch.utils.data.Dataset):
         image_columns: Sequence[str] = PICKAPIC_IMAGE_COLUMNS,
         label_column: str = "label_0",
         confidence_column: str | None = None,
+        url_options: ImageURLOptions | None = None,
+    ):
+        self._set_options(resolution, random_crop, random_flip, drop_ties, skip_invalid_rows, url_options)
+        self._set_columns(set(dataset.column_names), caption_column, image_columns, label_column, confidence_column)
+        self.dataset = dataset
+        self._undecode_image_columns()
+        self.stats = PreparationStats(num_rows=len(dataset))
+        labels = _column_values(dataset, self.label_column) if self.label_column else [1] * len(dataset)
+        captions = _column_values(dataset, self.caption_column)
+        confidences = _column_values(dataset, confidence_column) if confidence_column else None
+        self.rows: list[tuple[int, bool]] = []
+        for row, (label, caption) in enumerate(zip(labels, captions, strict=True)):
+            swap = self.check_row(row, label, caption, confidences[row] if confidences is not None else None)
+            if swap is not None:
+                self.rows.append((row, swap))
+        self.confidences = confidences
+        self.log_dropped(self.stats)
+        if not self.rows:
+            raise ValueError(self.stats.explain_empty())
+
+    @classmethod
+    def from_config(cls, dataset, args) -> "PreferenceDataset":
+        """Wrap a `datasets.Dataset` with the data options of a trainer config (`DiffusionPreferenceConfig`)."""
+        return cls(dataset, **cls.config_options(args))
+
+    @staticmethod
+    def config_options(args) -> dict:
+        """The keyword arguments of [`PreferenceDataset`] that a trainer config (`DiffusionPreferenceConfig`) sets."""
+        return {
+            "resolution": args.resolution,
+            "random_crop": args.random_crop,
+            "random_flip": args.random_flip,
+            "drop_ties": args.drop_ties,
+            "skip_invalid_rows": args.skip_invalid_rows,
+            "caption_column": args.caption_column,
+            "image_columns": args.image_columns,
+            "label_column": args.label_column,
+            "confidence_column": args.confidence_column,
+            "url_options": ImageURLOptions.from_config(args),
+        }
+
+    @classmethod
+    def for_columns(cls, column_names, **options) -> "PreferenceDataset":
+        """A dataset of no rows with these columns: the schema, row checks, decoding and transforms that the rows of
+        a stream go through one at a time (see `trl_diffusion.streaming`). ``options`` are those of the class."""
+        columns = {
+            key: options.pop(key) for key in ("caption_column", "image_columns", "label_column") if key in options
+        }
+        columns["confidence_column"] = options.pop("confidence_column", None)
+        pairs = cls.__new__(cls)
+        pairs._set_options(**options)
+        pairs._set_columns(set(column_names), **columns)
+        pairs.dataset, pairs.rows, pairs.confidences, pairs.stats = None, [], None, PreparationStats()
+        return pairs
+
+    def _set_options(
+        self,
+        resolution: int = 512,
+        random_crop: bool = False,
+        random_flip: bool = False,
+        drop_ties: bool = True,
+        skip_invalid_rows: bool = False,
+        url_options: ImageURLOptions | None = None,
     ):
         if not drop_ties:
             raise ValueError("drop_ties=False is not supported: a tied pair has no chosen image for a pairwise loss.")
-        self.dataset = dataset
         self.resolution = resolution
         self.random_crop = random_crop
         self.random_flip = random_flip
         self.skip_invalid_rows = skip_invalid_rows
+        if url_options is not None:
+            self.url_options = url_options
+
+    def _set_columns(
+        self,
+        columns: set,
+        caption_column: str = "caption",
+        image_columns: Sequence[str] = PICKAPIC_IMAGE_COLUMNS,
+        label_column: str = "label_0",
+        confidence_column: str | None = None,
+    ):
+        """Pick the schema from the column names (TRL style when ``chosen``, ``rejected`` and ``prompt`` are all
+        there) and check that every column it needs is present."""
         self.confidence_column = confidence_column
-        columns = set(dataset.column_names)
         if set(TRL_COLUMNS) <= columns:
-            self.image_columns, self.caption_column, label_column = ("chosen", "rejected"), "prompt", None
+            self.image_columns, self.caption_column, self.label_column = ("chosen", "rejected"), "prompt", None
         else:
             self.image_columns, self.caption_column = tuple(image_columns), caption_column
+            self.label_column = label_column
         if len(self.image_columns) != 2:
             raise ValueError(f"image_columns must name exactly two columns, got {list(self.image_columns)}.")
-        required = [*self.image_columns, self.caption_column] + ([label_column] if label_column else [])
+        required = [*self.image_columns, self.caption_column] + ([self.label_column] if self.label_column else [])
         required += [confidence_column] if confidence_column else []
         missing = [column for column in required if column not in columns]
         if missing:
@@ -190,70 +284,68 @@ class PreferenceDataset(torch.utils.data.Dataset):
                 f"{[*image_columns, label_column, caption_column]} or the TRL-style columns {list(TRL_COLUMNS)}; "
                 f"found {sorted(columns)}."
             )
-        self._undecode_image_columns()
-        self.stats = PreparationStats(num_rows=len(dataset))
-        labels = _column_values(dataset, label_column) if label_column else [1] * len(dataset)
-        captions = _column_values(dataset, self.caption_column)
-        confidences = _column_values(dataset, confidence_column) if confidence_column else None
-        self.rows: list[tuple[int, bool]] = []
-        for row, (label, caption) in enumerate(zip(labels, captions, strict=True)):
-            if not isinstance(caption, str):
-                self._invalid(row, self.caption_column, f"expected a string caption, got {caption!r:.80}")
-                self.stats.num_invalid_captions += 1
-                continue
-            if confidences is not None and not _is_probability(confidences[row]):
-                self._invalid(row, confidence_column, f"expected a confidence in [0, 1], got {confidences[row]!r:.80}")
-                self.stats.num_invalid_labels += 1
-                continue
-            if isinstance(label, (int, float)) and not isinstance(label, bool) and label == 0.5:
-                self.stats.num_ties += 1
-            elif isinstance(label, (int, float)) and not isinstance(label, bool) and label in (0, 1):
-                self.rows.append((row, label == 0))
-            else:
-                self._invalid(row, label_column, f"expected a label of 1, 0 or 0.5, got {label!r:.80}")
-                self.stats.num_invalid_labels += 1
-        self.confidences = confidences
-        if self.stats.num_ties:
-            logger.warning("Dropped %d tied pairs (label 0.5) of %d rows.", self.stats.num_ties, len(dataset))
-        if self.stats.num_invalid_labels or self.stats.num_invalid_captions:
+
+    def check_row(self, row, label, caption, confidence=None) -> bool | None:
+        """Check one row's caption, confidence and label, and count it in ``self.stats`` if it is dropped.
+
+        Returns:
+            ``None`` when the row is dropped (a tie, or an invalid row under ``skip_invalid_rows``), else whether its
+            images are swapped (``True`` when the second image is the chosen one).
+
+        Raises:
+            ValueError: an invalid row, naming ``row`` and the column, unless ``skip_invalid_rows`` is set.
+        """
+        if not isinstance(caption, str):
+            self._invalid(row, self.caption_column, f"expected a string caption, got {caption!r:.80}")
+            self.stats.num_invalid_captions += 1
+            return None
+        if self.confidence_column is not None and not _is_probability(confidence):
+            self._invalid(row, self.confidence_column, f"expected a confidence in [0, 1], got {confidence!r:.80}")
+            self.stats.num_invalid_labels += 1
+            return None
+        if self.label_column is None:
+            return False
+        is_number = isinstance(label, (int, float)) and not isinstance(label, bool)
+        if is_number and label == 0.5:
+            self.stats.num_ties += 1
+            return None
+        if is_number and label in (0, 1):
+            return label == 0
+        self._invalid(row, self.label_column, f"expected a label of 1, 0 or 0.5, got {label!r:.80}")
+        self.stats.num_invalid_labels += 1
+        return None
+
+    @staticmethod
+    def log_dropped(stats: PreparationStats) -> None:
+        """Warn about the ties and invalid rows dropped so far (nothing is dropped silently)."""
+        if stats.num_ties:
+            logger.warning("Dropped %d tied pairs (label 0.5) of %d rows.", stats.num_ties, stats.num_rows)
+        if stats.num_invalid_labels or stats.num_invalid_captions:
             logger.warning(
                 "Skipped %d rows with an invalid label and %d with an invalid caption.",
-                self.stats.num_invalid_labels,
-                self.stats.num_invalid_captions,
+                stats.num_invalid_labels,
+                stats.num_invalid_captions,
             )
-        if not self.rows:
-            raise ValueError(self.stats.explain_empty())
-
-    @classmethod
-    def from_config(cls, dataset, args) -> "PreferenceDataset":
-        """Wrap a `datasets.Dataset` with the data options of a trainer config (`DiffusionPreferenceConfig`)."""
-        return cls(
-            dataset,
-            resolution=args.resolution,
-            random_crop=args.random_crop,
-            random_flip=args.random_flip,
-            drop_ties=args.drop_ties,
-            skip_invalid_rows=args.skip_invalid_rows,
-            caption_column=args.caption_column,
-            image_columns=args.image_columns,
-            label_column=args.label_column,
-            confidence_column=args.confidence_column,
-        )
 
     def row_fields(self, row: int) -> dict:
         """Per-example values besides images and prompt, by the collator's key (here the optional confidence)."""
         return {} if self.confidences is None else {"confidence": float(self.confidences[row])}
 
     def _undecode_image_columns(self):
-        """Read `datasets.Image` columns as bytes, so decoding errors surface here with their row and column."""
+        self.dataset = self.undecoded(self.dataset)
+
+    def undecoded(self, dataset):
+        """``dataset`` with its `datasets.Image` columns read as bytes, so that decoding errors surface here, with
+        their row and column (a `datasets.Dataset` or `datasets.IterableDataset`)."""
         from datasets import Image as ImageFeature
 
-        features = getattr(self.dataset, "features", None) or {}
+        features = getattr(dataset, "features", None) or {}
         for column in self.image_columns:
             if isinstance(features.get(column), ImageFeature) and features[column].decode:
-                self.dataset = self.dataset.cast_column(column, ImageFeature(decode=False))
+                dataset = dataset.cast_column(column, ImageFeature(decode=False))
+        return dataset
 
-    def _invalid(self, row: int, column: str, reason: str):
+    def _invalid(self, row, column: str, reason: str):
         message = f"Row {row}, column {column!r}: {reason}."
         if not self.skip_invalid_rows:
             raise ValueError(message + " Fix the row or pass skip_invalid_rows=True to skip such rows.")
@@ -267,24 +359,31 @@ class PreferenceDataset(torch.utils.data.Dataset):
         is unreadable and ``skip_invalid_rows`` is set)."""
         row, swap = self.rows[index]
         record = self.dataset[row]
+        images = self.decode_pair(record, row, swap)
+        return None if images is None else (record, images)
+
+    def decode_pair(self, record: dict, row, swap: bool) -> list | None:
+        """The decoded ``[chosen, rejected]`` images of a record, or ``None`` when one is unreadable and
+        ``skip_invalid_rows`` is set (or it is an unreachable URL and ``url_options.skip_unreachable`` is)."""
         first, second = self.image_columns
         chosen_column, rejected_column = (second, first) if swap else (first, second)
         try:
             images = [self.decode_cell(record[chosen_column], row, chosen_column)]
             images.append(self.decode_cell(record[rejected_column], row, rejected_column))
         except ValueError as error:
-            if not self.skip_invalid_rows:
+            unreachable = isinstance(error, UnreachableImageError) and self.url_options.skip_unreachable
+            if not (self.skip_invalid_rows or unreachable):
                 raise
             logger.warning("Skipping invalid row. %s", error)
             return None
-        return record, images
+        return images
 
     def decode_cell(self, value, row: int, column: str):
-        """Decode one image cell (see [`load_image`]); video datasets decode videos here."""
-        return load_image(value, row, column)
+        """Decode one image cell (see [`load_image`][]); video datasets decode videos here."""
+        return load_image(value, row, column, self.url_options)
 
     def transform_pair(self, images: list, flip: bool | None = None) -> tuple[list[torch.Tensor], list, list]:
-        """The pair's shared crop and flip (see [`paired_transform`]); ``flip`` forces the flip decision."""
+        """The pair's shared crop and flip (see [`paired_transform`][]); ``flip`` forces the flip decision."""
         return paired_transform(images, self.resolution, self.random_crop, self.random_flip, flip=flip)
 
     def transform_options(self) -> dict:
@@ -296,23 +395,27 @@ class PreferenceDataset(torch.utils.data.Dataset):
         """Whether a pair's crop is the same every epoch (only then can its encoding be cached)."""
         return not self.random_crop
 
-    def __getitem__(self, index: int) -> dict | None:
-        loaded = self.load_pair(index)
-        if loaded is None:
+    def build_example(self, record: dict, row, swap: bool, row_index: int, fields: dict) -> dict | None:
+        """The training example of one record: its ordered, transformed images, prompt, ``row_index`` (the row
+        that seeds the pair's noise) and ``fields``; ``None`` when an image is unreadable and skipped. ``row``
+        names the row in error messages."""
+        images = self.decode_pair(record, row, swap)
+        if images is None:
             return None
-        record, images = loaded
-        row = self.rows[index][0]
         tensors, original_sizes, crop_top_lefts = self.transform_pair(images)
-        example = {
+        return {
             "chosen_pixel_values": tensors[0],
             "rejected_pixel_values": tensors[1],
             "prompt": record[self.caption_column],
-            "row_index": row,
+            "row_index": row_index,
             "original_sizes": original_sizes,
             "crop_top_lefts": crop_top_lefts,
-            **self.row_fields(row),
+            **fields,
         }
-        return example
+
+    def __getitem__(self, index: int) -> dict | None:
+        row, swap = self.rows[index]
+        return self.build_example(self.dataset[row], row, swap, row, self.row_fields(row))
 
 
 def _is_probability(value) -> bool:
@@ -320,12 +423,13 @@ def _is_probability(value) -> bool:
 
 
 class DiffusionPreferenceCollator:
-    """Stack examples of a [`PreferenceDataset`] into one batch, chosen images first.
+    """Stack examples of a [`PreferenceDataset`][] into one batch, chosen images first.
 
     The batch holds ``pixel_values`` of shape ``(2B, 3, H, W)`` (``[x_w ; x_l]``), ``prompts`` (``B`` strings),
     ``row_index`` (``B``), ``original_sizes`` and ``crop_top_lefts`` (``(2B, 2)``, same order as the pixels),
     ``confidence`` (``B``) where the dataset has one, and ``num_skipped``, the number of unreadable rows dropped
-    from this batch under ``skip_invalid_rows``.
+    from this batch under ``skip_invalid_rows``. Examples of a stream also count the rows dropped before them: the
+    invalid ones go into ``num_skipped``, the ties into ``num_ties``.
 
     Examples of an encoding cache (see `trl_diffusion.encodings`) carry encodings instead of pixels: the batch then
     holds ``latents`` (``(2B, C, h, w)``, chosen first), ``latents_flipped`` where both flips are cached,
@@ -333,7 +437,7 @@ class DiffusionPreferenceCollator:
     errors, ``ref_errors`` (``2B``).
 
     Examples with ``pixel_values`` of shape ``(k, 3, H, W)`` (a group of ``k`` images sharing one prompt; ``k = 1``
-    for the unpaired rows of [`UnpairedPreferenceDataset`]) are stacked image-major into ``(kB, 3, H, W)``, and an
+    for the unpaired rows of [`UnpairedPreferenceDataset`][]) are stacked image-major into ``(kB, 3, H, W)``, and an
     example's ``desirable`` flag becomes a ``(B,)`` boolean ``desirable`` tensor.
     """
 
@@ -356,8 +460,10 @@ class DiffusionPreferenceCollator:
             "row_index": torch.tensor([e["row_index"] for e in valid], dtype=torch.long),
             "original_sizes": torch.tensor([e["original_sizes"][i] for i in range(group_size) for e in valid]),
             "crop_top_lefts": torch.tensor([e["crop_top_lefts"][i] for i in range(group_size) for e in valid]),
-            "num_skipped": torch.tensor(len(examples) - len(valid)),
+            "num_skipped": torch.tensor(len(examples) - len(valid) + sum(e.get("dropped_invalid", 0) for e in valid)),
         }
+        if "dropped_ties" in valid[0]:  # a stream's rows dropped before these (see `trl_diffusion.streaming`)
+            batch["num_ties"] = torch.tensor(sum(e["dropped_ties"] for e in valid))
         if "confidence" in valid[0]:
             batch["confidence"] = torch.tensor([e["confidence"] for e in valid], dtype=torch.float32)
         if "desirable" in valid[0]:

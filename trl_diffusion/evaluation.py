@@ -1,24 +1,25 @@
 """Does a tuned model beat its base on what the preferences ask for? Win rates with fixed seeds, and scorers.
 
 A scorer is any callable ``scorer(images, prompts) -> scores``: a list of PIL images and their prompts in, one float
-per image out (higher is better). [`evaluate_preference`] generates images from the base and the tuned model with the
+per image out (higher is better). [`evaluate_preference`][] generates images from the base and the tuned model with the
 same prompts and seeds, scores both, and reports the win rate of tuned over base (ties count 1/2) and the mean score
-difference with a bootstrap confidence interval. [`EvaluationCallback`] runs the same check during training.
-[`evaluate_video_preference`] does the same for text-to-video pipelines with per-video scorers.
+difference with a bootstrap confidence interval. [`EvaluationCallback`][trl_diffusion.callbacks.EvaluationCallback]
+runs the same check during training. [`evaluate_video_preference`][] does the same for text-to-video pipelines with
+per-video scorers.
 """
 
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
 from diffusers import DiffusionPipeline
 from PIL import Image
-from transformers import TrainerCallback
 
 # The scorers live in `scorers.py`; these names stay importable from here.
-from .scorers import (  # noqa: F401  # noqa: F401
+from .scorers import (  # noqa: F401
     CLIPScorer,
     PickScoreScorer,
     Scorer,
@@ -63,14 +64,14 @@ def bootstrap_mean_ci(
 
 @dataclass
 class PreferenceEvaluation:
-    """The outcome of [`evaluate_preference`].
+    """The outcome of [`evaluate_preference`][].
 
     Attributes:
         win_rate: fraction of (prompt, seed) pairs where the tuned image scores higher (ties count 1/2).
         mean_difference: mean of ``tuned − base`` scores.
         ci_low, ci_high: bootstrap confidence interval of ``mean_difference``.
         rows: one dict per (prompt, seed): ``prompt``, ``seed``, ``base_score``, ``tuned_score``.
-        base_images, tuned_images: the generated images (clips, for [`evaluate_video_preference`]), in the order of
+        base_images, tuned_images: the generated images (clips, for [`evaluate_video_preference`][]), in the order of
             ``rows``.
     """
 
@@ -88,7 +89,7 @@ def generate_paired(
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int = 16,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> list[Image.Image]:
     """One image per ``(prompts[i], seeds[i])``, each from its own seeded CPU generator, ``batch_size`` at a time."""
     if len(prompts) != len(seeds):
@@ -111,7 +112,7 @@ def generate_images(
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int = 16,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> list[Image.Image]:
     """One image per (prompt, seed), prompts outer and seeds inner: every prompt with every seed."""
     jobs = [(prompt, seed) for prompt in prompts for seed in seeds]
@@ -136,7 +137,7 @@ def evaluate_preference(
     seeds: Sequence[int] | None = None,
     confidence: float = 0.95,
     batch_size: int = 16,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> PreferenceEvaluation:
     """Generate from the base and the tuned model with the same prompts and seeds, score both, compare.
 
@@ -198,7 +199,7 @@ def generate_videos(
     prompts: Sequence[str],
     seeds: Sequence[int],
     batch_size: int = 4,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> list[np.ndarray]:
     """One clip per (prompt, seed), prompts outer and seeds inner, each from its own seeded CPU generator:
     ``(F, H, W, 3)`` uint8 frames (a video pipeline such as ``WanPipeline``, whose output is ``.frames``)."""
@@ -223,11 +224,11 @@ def evaluate_video_preference(
     seeds: Sequence[int] | None = None,
     confidence: float = 0.95,
     batch_size: int = 4,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> PreferenceEvaluation:
-    """[`evaluate_preference`] for text-to-video: short clips from the base and the tuned model with the same
-    prompts and seeds, scored per video by ``scorer(videos, prompts) -> scores`` (e.g. [`video_redness_scorer`],
-    [`temporal_smoothness_scorer`], or an image scorer through [`per_frame_scorer`]).
+    """[`evaluate_preference`][] for text-to-video: short clips from the base and the tuned model with the same
+    prompts and seeds, scored per video by ``scorer(videos, prompts) -> scores`` (e.g. [`video_redness_scorer`][],
+    [`temporal_smoothness_scorer`][], or an image scorer through [`per_frame_scorer`][]).
 
     The result's ``base_images`` and ``tuned_images`` hold the clips, ``(F, H, W, 3)`` uint8 arrays. Pass the clip
     shape in ``generation_kwargs`` (``num_frames``, ``height``, ``width``, ``num_inference_steps``...).
@@ -252,98 +253,10 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], scale: int = 1) -> Image.I
     return grid
 
 
-class EvaluationCallback(TrainerCallback):
-    """Every ``eval_every_steps`` optimizer steps, compare the model in training with the model it started from.
+def __getattr__(name: str):
+    # `EvaluationCallback` moved to `trl_diffusion.callbacks` (which imports this module): still importable from here.
+    if name == "EvaluationCallback":
+        from .callbacks import EvaluationCallback
 
-    Base images are generated once, when training begins, with the trainer's own pipeline (so they show the initial
-    weights, whatever the method); tuned images are generated with the same prompts and seeds from the current
-    weights. The win rate, mean score difference and its interval are logged through `Trainer.log` (so every
-    tracker receives them) as ``preference_eval/...``, and a base-versus-tuned image grid goes to TensorBoard and
-    Weights & Biases where they are active.
-
-    Args:
-        trainer: the trl_diffusion trainer to watch (its ``family.pipeline`` generates the images).
-        prompts, scorer, seeds: as for [`evaluate_preference`].
-        eval_every_steps: optimizer steps between evaluations; it also runs at the end of training.
-        max_grid_images: images per row in the logged grid.
-        generation_kwargs: passed to the pipeline.
-    """
-
-    def __init__(
-        self,
-        trainer,
-        prompts: Sequence[str],
-        scorer: Scorer,
-        seeds: Sequence[int] = (0, 1),
-        eval_every_steps: int = 100,
-        max_grid_images: int = 8,
-        **generation_kwargs,
-    ):
-        self.trainer = trainer
-        self.prompts, self.scorer, self.seeds = list(prompts), scorer, list(seeds)
-        self.eval_every_steps = eval_every_steps
-        self.max_grid_images = max_grid_images
-        self.generation_kwargs = {"num_inference_steps": 20, **generation_kwargs}
-        self.base_images: list[Image.Image] | None = None
-        self.base_scores: np.ndarray | None = None
-        self.last_evaluated_step = -1
-
-    def _generate(self) -> list[Image.Image]:
-        pipeline = self.trainer.family.pipeline
-        denoiser = self.trainer.accelerator.unwrap_model(self.trainer.model)
-        was_training = denoiser.training
-        denoiser.eval()
-        pipeline.set_progress_bar_config(disable=True)
-        try:
-            dtype = self.trainer.weight_dtype
-            device_type = self.trainer.accelerator.device.type
-            with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
-                return generate_images(pipeline, self.prompts, self.seeds, **self.generation_kwargs)
-        finally:
-            denoiser.train(was_training)
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.base_images is None:
-            self.base_images = self._generate()
-            self.base_scores = np.asarray(self.scorer(self.base_images, self._image_prompts()), dtype=np.float64)
-
-    def _image_prompts(self) -> list[str]:
-        return [prompt for prompt in self.prompts for _ in self.seeds]
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step % self.eval_every_steps == 0:
-            self.evaluate(state.global_step)
-
-    def on_train_end(self, args, state, control, **kwargs):
-        if state.global_step != self.last_evaluated_step:
-            self.evaluate(state.global_step)
-
-    def evaluate(self, step: int) -> dict[str, float]:
-        self.last_evaluated_step = step
-        images = self._generate()
-        scores = np.asarray(self.scorer(images, self._image_prompts()), dtype=np.float64)
-        rate, mean, low, high = summarize(self.base_scores, scores)
-        metrics = {
-            "preference_eval/win_rate": rate,
-            "preference_eval/score_difference": mean,
-            "preference_eval/score_difference_ci_low": low,
-            "preference_eval/score_difference_ci_high": high,
-        }
-        # `Trainer.log` clears `control.should_log`; keep the training log this step may have scheduled.
-        should_log = self.trainer.control.should_log
-        self.trainer.log(dict(metrics))
-        self.trainer.control.should_log = should_log
-        count = self.max_grid_images
-        self._log_grid(image_grid([self.base_images[:count], images[:count]]), step)
-        return metrics
-
-    def _log_grid(self, grid: Image.Image, step: int) -> None:
-        from transformers.integrations import TensorBoardCallback, WandbCallback
-
-        for callback in self.trainer.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.tb_writer is not None:
-                array = np.asarray(grid, dtype=np.uint8)
-                callback.tb_writer.add_image("preference_eval/base_vs_tuned", array, step, dataformats="HWC")
-                callback.tb_writer.flush()
-            elif isinstance(callback, WandbCallback) and getattr(callback, "_wandb", None) is not None:
-                callback._wandb.log({"preference_eval/base_vs_tuned": callback._wandb.Image(grid)}, step=step)
+        return EvaluationCallback
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

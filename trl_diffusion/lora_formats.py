@@ -76,7 +76,7 @@ def diffusers_to_kohya(state_dict: dict[str, torch.Tensor], adapter_config: dict
 def kohya_to_diffusers(
     state_dict: dict[str, torch.Tensor], module_names: Iterable[str], denoiser_name: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """The inverse of [`diffusers_to_kohya`] for a known model: ``(diffusers state dict, {module: alpha})``.
+    """The inverse of [`diffusers_to_kohya`][] for a known model: ``(diffusers state dict, {module: alpha})``.
 
     A flat kohya name loses where the dots were, so the module paths are recovered from ``module_names`` (the
     denoiser's ``named_modules()``). A name that matches none of them, or two, raises a `ValueError`.

@@ -4,11 +4,13 @@ Every function takes per-sample denoising errors (``e = mean over C, H, W of (pr
 returns ``(loss, metrics)``: a scalar loss tensor and a dict of detached tensors of shape ``(B,)``, one value per
 pair. The trainers average the metrics over pairs, steps and processes before logging them.
 
-Notation, shared by the whole library (see ``shared/DESIGN.md``): ``e_w``, ``e_l`` are the policy's errors on the
+Notation, shared by the whole library (see ``docs/design.md``): ``e_w``, ``e_l`` are the policy's errors on the
 chosen (winning) and rejected (losing) image of a pair, ``r_w``, ``r_l`` the reference's. The implicit reward margin is
 ``l = (r_w - r_l) - (e_w - e_l)``: how much more the policy improved on the chosen image than on the rejected one,
 relative to the reference. Every DPO-family loss is a function of ``beta * l``.
 """
+
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -95,8 +97,10 @@ def diffusion_dpo_loss(
       always has), so the policy's error on them cannot drift up unopposed.
 
     Args:
-        policy_chosen_errors, policy_rejected_errors: ``(B,)`` per-sample errors of the policy.
-        ref_chosen_errors, ref_rejected_errors: ``(B,)`` per-sample errors of the frozen reference.
+        policy_chosen_errors: ``(B,)`` per-sample errors of the policy on the chosen images, ``e_w``.
+        policy_rejected_errors: ``(B,)`` per-sample errors of the policy on the rejected images, ``e_l``.
+        ref_chosen_errors: ``(B,)`` per-sample errors of the frozen reference on the chosen images, ``r_w``.
+        ref_rejected_errors: ``(B,)`` per-sample errors of the frozen reference on the rejected images, ``r_l``.
         beta: KL-regularisation strength.
         loss_type: one of ``sigmoid``, ``hinge``, ``ipo``, ``conservative``, ``robust``.
         label_smoothing: ``eps``, the assumed probability that a label is flipped (``conservative``/``robust``).
@@ -104,7 +108,7 @@ def diffusion_dpo_loss(
         max_margin: cap ``m`` on ``z = beta * l``; ``None`` turns it off.
 
     Returns:
-        ``(loss, metrics)``, the scalar loss and per-pair detached metrics (see [`dpo_reward_metrics`]); with a cap,
+        ``(loss, metrics)``, the scalar loss and per-pair detached metrics (see [`dpo_reward_metrics`][]); with a cap,
         also ``guards/capped_fraction`` (1 where ``z > m``), and with an anchor ``guards/sft_loss`` (``e_w``).
     """
     margins = implicit_reward_margin(
@@ -142,7 +146,7 @@ def diffusion_dpo_loss(
 def kto_reference_point(policy_errors: torch.Tensor, ref_errors: torch.Tensor) -> torch.Tensor:
     """Diffusion-KTO's KL estimate before clamping: the batch mean of the implicit reward ``g = r - e``, detached.
 
-    The trainer averages it over processes and clamps it at 0 (see [`diffusion_kto_loss`]).
+    The trainer averages it over processes and clamps it at 0 (see [`diffusion_kto_loss`][]).
     """
     return (ref_errors - policy_errors).detach().mean()
 
@@ -175,10 +179,12 @@ def diffusion_kto_loss(
     ``C, H, W``, as in the authors' code (their default is 1000).
 
     Args:
-        policy_errors, ref_errors: ``(B,)`` per-image errors of the policy and of the frozen reference.
+        policy_errors: ``(B,)`` per-image errors of the policy, ``e``.
+        ref_errors: ``(B,)`` per-image errors of the frozen reference, ``r``.
         desirable: ``(B,)`` booleans, ``True`` for a desirable image.
         beta: the implicit reward's scale.
-        desirable_weight, undesirable_weight: ``lambda_D`` and ``lambda_U``.
+        desirable_weight: ``lambda_D``, the weight of a desirable image's loss.
+        undesirable_weight: ``lambda_U``, the weight of an undesirable image's loss.
         reference_point: the KL estimate ``z_0``, already clamped; by default ``max(0, mean(g))`` over this batch.
 
     Returns:
@@ -231,7 +237,7 @@ def mapo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Margin-aware Preference Optimization loss (Hong et al. 2024, arXiv 2406.06424), reference-free.
 
-    With ``f(e) = s e / (exp(s e) - 1)`` (``s = snr_value``, see [`mapo_score`]) and ``T = num_train_timesteps``,
+    With ``f(e) = s e / (exp(s e) - 1)`` (``s = snr_value``, see [`mapo_score`][]) and ``T = num_train_timesteps``,
     the margin is ``m = T (f(e_w) - f(e_l))`` and
 
         ``L = mean(e_w) - beta * mean log sigma(m)``
@@ -279,6 +285,47 @@ def annotator_ema_decay(decay: float, num_updates: int) -> float:
     if step == 0:
         return 0.0
     return min(decay, (1 + step) / (10 + step))
+
+
+def annotator_margins(annotator_errors: Sequence[torch.Tensor], ref_errors: torch.Tensor) -> torch.Tensor:
+    r"""The implicit reward margin of each pair as each Adaptive-DPO annotator judges it (arXiv 2503.16921), detached.
+
+    For annotator ``m`` (the policy, then the EMA copies of it) with errors ``e^m_w``, ``e^m_l`` on a pair's chosen and
+    rejected images, and the reference's ``r_w``, ``r_l``: ``l_m = (r_w - r_l) - (e^m_w - e^m_l)``, the margin of
+    [`implicit_reward_margin`][].
+
+    Args:
+        annotator_errors: ``M`` tensors of shape ``(2B,)``, each a batch's errors, chosen images first.
+        ref_errors: ``(2B,)`` errors of the reference, in the same order.
+
+    Returns:
+        ``(M, B)`` detached margins, the input of [`minority_score_terms`][].
+    """
+    ref_chosen, ref_rejected = ref_errors.detach().chunk(2)
+    margins = []
+    for errors in annotator_errors:
+        chosen, rejected = errors.detach().chunk(2)
+        margins.append(implicit_reward_margin(chosen, rejected, ref_chosen, ref_rejected))
+    return torch.stack(margins)
+
+
+def minority_warmup(global_step: int, warmup_steps: int, num_ema_annotators: int) -> bool:
+    """Whether Adaptive-DPO's minority scores are held at ``u = 0`` at a training step (the authors' warm-up).
+
+    During the first ``warmup_steps`` optimizer steps the EMA annotators are still settling (the first update makes
+    each a copy of the policy, see [`annotator_ema_decay`][]), so their judgement is not used and the loss is plain
+    DPO with its margin. Without EMA annotators the policy alone scores the pairs from the first step, as in the
+    authors' code. Evaluation never warms up.
+
+    Args:
+        global_step: the optimizer step (0-based).
+        warmup_steps: ``minority_warmup_steps``.
+        num_ema_annotators: how many EMA annotators judge beside the policy.
+
+    Returns:
+        ``True`` while ``u`` is held at 0.
+    """
+    return num_ema_annotators > 0 and global_step < warmup_steps
 
 
 def minority_score_terms(
@@ -332,8 +379,30 @@ def minority_scores(
     normalize: bool = True,
     prior_confidence: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Adaptive-DPO's per-pair minority score ``u``, detached: the ``u`` of [`minority_score_terms`]."""
+    """Adaptive-DPO's per-pair minority score ``u``, detached: the ``u`` of [`minority_score_terms`][]."""
     return minority_score_terms(annotator_margins, rho, normalize, prior_confidence)["u"]
+
+
+def flip_minority_labels(
+    margins: torch.Tensor, u: torch.Tensor, threshold: float | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Treat pairs whose minority score exceeds ``threshold`` as mislabelled: ``l <- -l`` where ``u > threshold``.
+
+    Beyond the paper's loss (the authors' code has it as ``flip_un_label``): the loss then pulls such a pair towards
+    the other image. Only for data known to hold flipped labels.
+
+    Args:
+        margins: ``(B,)`` implicit reward margins ``l``.
+        u: ``(B,)`` minority scores.
+        threshold: the minority score above which a pair is flipped; ``None`` flips nothing.
+
+    Returns:
+        ``(margins, flipped)``: the margins with flipped pairs negated, and the boolean ``(B,)`` mask of those pairs.
+    """
+    if threshold is None:
+        return margins, torch.zeros_like(u, dtype=torch.bool)
+    flipped = u.detach() > threshold
+    return torch.where(flipped, -margins, margins), flipped
 
 
 def adaptive_dpo_loss(
@@ -348,7 +417,7 @@ def adaptive_dpo_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     r"""Minority-aware Adaptive-DPO loss (arXiv 2503.16921, as in the authors' released code).
 
-    With the policy's implicit reward margins ``l`` and minority scores ``u`` (see [`minority_scores`]):
+    With the policy's implicit reward margins ``l`` and minority scores ``u`` (see [`minority_scores`][]):
 
     - with ``flip_threshold`` (beyond the paper's loss, as the authors' ``flip_un_label``): pairs with
       ``u > flip_threshold`` are treated as mislabelled, ``l <- -l``;
@@ -365,10 +434,7 @@ def adaptive_dpo_loss(
         after averaging over pairs.
     """
     u = u.detach()
-    flipped = torch.zeros_like(u, dtype=torch.bool)
-    if flip_threshold is not None:
-        flipped = u > flip_threshold
-        policy_margins = torch.where(flipped, -policy_margins, policy_margins)
+    policy_margins, flipped = flip_minority_labels(policy_margins, u, flip_threshold)
     if weight_type == "linear":
         weights = 1 / (k * u + c)
     elif weight_type == "quadratic":
@@ -392,3 +458,68 @@ def adaptive_dpo_loss(
         "adaptive/flipped_fraction": flipped.float(),
     }
     return losses.mean(), metrics
+
+
+def adaptive_dpo_loss_from_errors(
+    policy_errors: torch.Tensor,
+    ref_errors: torch.Tensor,
+    ema_annotator_errors: Mapping[str, torch.Tensor],
+    beta: float = 1000.0,
+    rho: float = 15.0,
+    normalize: bool = True,
+    prior_confidence: torch.Tensor | None = None,
+    warmup: bool = False,
+    weight_type: str = "linear",
+    k: float = 10.0,
+    c: float = 1.0,
+    margin_type: str = "quadratic",
+    flip_threshold: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""Minority-aware Adaptive-DPO (arXiv 2503.16921) from a batch's denoising errors: the whole method's maths.
+
+    1. The policy's margins ``l = (r_w - r_l) - (e_w - e_l)`` ([`implicit_reward_margin`][]).
+    2. Every annotator's margins ``l_m`` ([`annotator_margins`][]): the policy's (detached), then each EMA annotator's.
+    3. The minority score ``u`` from their agreement ([`minority_score_terms`][]; ``u = 0`` with ``warmup``).
+    4. ``L = -mean(w * log sigma(beta * l - gamma))`` with the pair weight ``w`` and adaptive margin ``gamma`` of
+       ``u`` ([`adaptive_dpo_loss`][], with the optional label flip of [`flip_minority_labels`][]).
+
+    Args:
+        policy_errors: ``(2B,)`` errors of the policy, chosen images first.
+        ref_errors: ``(2B,)`` errors of the reference.
+        ema_annotator_errors: ``(2B,)`` no-grad errors of each EMA annotator, by name (empty: the policy judges
+            alone).
+        beta: KL-regularisation strength, on the Diffusion-DPO scale.
+        rho: scale ``rho`` of the annotators' margins inside the minority score.
+        normalize: divide each annotator's margins by their L2 norm over the batch before scaling by ``rho``.
+        prior_confidence: optional ``(B,)`` per-pair prior confidence in ``[0, 1]``, multiplied into the confidence.
+        warmup: hold ``u`` at 0 (the first optimizer steps, see [`minority_warmup`][]).
+        weight_type: pair weight ``1 / (k u + c)`` (``linear``) or ``1 / (k u^2 + c)`` (``quadratic``).
+        k: scale of ``u`` in the pair weight.
+        c: offset of the pair weight.
+        margin_type: adaptive margin ``gamma``: ``quadratic``, ``linear`` or ``none`` (see [`adaptive_dpo_loss`][]).
+        flip_threshold: minority score above which a pair's margin is negated; ``None`` flips nothing.
+
+    Returns:
+        ``(loss, metrics)``: the metrics of [`adaptive_dpo_loss`][] and [`dpo_reward_metrics`][], with
+        ``adaptive/confidence_mean``, ``adaptive/stability_mean`` (with EMA annotators) and
+        ``adaptive/margin_norm/<annotator>`` (``policy``, then each EMA annotator's name), one value per batch
+        repeated per pair.
+    """
+    policy_chosen, policy_rejected = policy_errors.chunk(2)
+    ref_chosen, ref_rejected = ref_errors.chunk(2)
+    margins = implicit_reward_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
+    judged = annotator_margins([policy_errors, *ema_annotator_errors.values()], ref_errors)
+    terms = minority_score_terms(
+        judged, rho=rho, normalize=normalize, prior_confidence=prior_confidence, warmup=warmup
+    )
+    u = terms["u"]
+    loss, metrics = adaptive_dpo_loss(
+        margins, u, beta, weight_type, k, c, margin_type=margin_type, flip_threshold=flip_threshold
+    )
+    metrics["adaptive/confidence_mean"] = terms["confidence"]
+    if "stability" in terms:
+        metrics["adaptive/stability_mean"] = terms["stability"]
+    for name, norm in zip(["policy", *ema_annotator_errors], terms["margin_norms"], strict=True):
+        metrics[f"adaptive/margin_norm/{name}"] = norm.expand_as(u)
+    metrics.update(dpo_reward_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta))
+    return loss, metrics

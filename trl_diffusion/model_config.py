@@ -2,7 +2,7 @@
 
 It names the pipeline to load (a Hub id, a local diffusers folder or one of the offline tiny models below), how to
 load it (revision, variant, dtype) and the LoRA adapter to train. The helpers turn it into the objects
-the trainers take: [`load_pipeline`] and [`get_peft_config`].
+the trainers take: [`load_pipeline`][] and [`get_peft_config`][].
 
 Tiny models: `model_name_or_path: tiny-sd` (also every other name in `TINY_MODELS`) builds a tiny,
 randomly initialised pipeline from configs with `trl_diffusion.testing.tiny_models`, saves it once under
@@ -14,8 +14,15 @@ import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+from .dtypes import DTYPES, compute_dtype
+
+
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+    from .trainer.base_config import DiffusionPreferenceConfig
 
 
 TINY_MODELS = {
@@ -31,52 +38,39 @@ TINY_MODELS = {
     "tiny-wan": ("build_tiny_wan", {}),
 }
 
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
 
 @dataclass
 class DiffusionModelConfig:
-    r"""
-    Model arguments of the trl_diffusion scripts: which pipeline to load, how, and which LoRA adapter to train.
+    """Model arguments of the trl_diffusion scripts: which pipeline to load, how, and which LoRA adapter to train.
 
-    Using [`~transformers.HfArgumentParser`] (or TRL's `TrlParser`) this class becomes command-line flags and YAML
+    Using `transformers.HfArgumentParser` (or TRL's `TrlParser`) this class becomes command-line flags and YAML
     keys, like TRL's `ModelConfig`.
 
-    Parameters:
-        model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            A diffusers pipeline: a Hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), a local folder, or one of
-            the offline tiny models `tiny-sd`, `tiny-sd-v`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`, `tiny-flux2`,
-            `tiny-flux2-klein`, `tiny-qwen-image`, `tiny-z-image` (built from configs on first use and cached under
-            `$TRL_DIFFUSION_CACHE`, default `~/.cache/trl_diffusion`).
-        model_revision (`str`, *optional*, defaults to `"main"`):
-            Branch, tag or commit of a Hub model.
-        variant (`str` or `None`, *optional*, defaults to `None`):
-            Weight variant to load, such as `"fp16"` (files named `*.fp16.safetensors`).
-        dtype (`str`, *optional*, defaults to `"float32"`):
-            dtype the pipeline is loaded in: `"float32"`, `"bfloat16"`, `"float16"` or `"auto"` (the saved dtype).
+    Args:
+        model_name_or_path: A diffusers pipeline: a Hub id (`stable-diffusion-v1-5/stable-diffusion-v1-5`), a local
+            folder, or one of the offline tiny models `tiny-sd`, `tiny-sd-v`, `tiny-sdxl`, `tiny-sd3`, `tiny-flux`,
+            `tiny-flux2`, `tiny-flux2-klein`, `tiny-qwen-image`, `tiny-z-image` (built from configs on first use and
+            cached under `$TRL_DIFFUSION_CACHE`, default `~/.cache/trl_diffusion`). Defaults to `None`.
+        model_revision: Branch, tag or commit of a Hub model. Defaults to `"main"`.
+        variant: Weight variant to load, such as `"fp16"` (files named `*.fp16.safetensors`). Defaults to `None`.
+        dtype: dtype the pipeline is loaded in: `"float32"`, `"bfloat16"`, `"float16"` or `"auto"` (the saved dtype).
             The trainer then keeps trainable weights in float32 and runs frozen ones in the mixed-precision dtype.
-        use_peft (`bool`, *optional*, defaults to `False`):
-            Train a LoRA adapter on the denoiser instead of the whole denoiser.
-        lora_r (`int`, *optional*, defaults to `8`):
-            LoRA rank.
-        lora_alpha (`int`, *optional*, defaults to `8`):
-            LoRA alpha (the update is scaled by `lora_alpha / lora_r`).
-        lora_dropout (`float`, *optional*, defaults to `0.0`):
-            Dropout on the LoRA input.
-        lora_target_modules (`list[str]` or `None`, *optional*, defaults to `None`):
-            Module names to adapt. `None` takes the model family's attention projections (`to_q`, `to_k`, `to_v`,
-            `to_out.0`).
-        init_lora_weights (`str`, *optional*, defaults to `"gaussian"`):
-            peft's initialisation of the adapter: `"gaussian"` (as the diffusers training scripts) or `"true"`
-            (peft's default, Kaiming-uniform A).
-        use_rslora (`bool`, *optional*, defaults to `False`):
-            Rank-stabilised LoRA: scale by `lora_alpha / √r`.
-        use_dora (`bool`, *optional*, defaults to `False`):
-            Weight-decomposed LoRA (DoRA).
+            Defaults to `"float32"`.
+        use_peft: Train a LoRA adapter on the denoiser instead of the whole denoiser. Defaults to `False`.
+        lora_r: LoRA rank. Defaults to `8`.
+        lora_alpha: LoRA alpha (the update is scaled by `lora_alpha / lora_r`). Defaults to `8`.
+        lora_dropout: Dropout on the LoRA input. Defaults to `0.0`.
+        lora_target_modules: Module names to adapt. `None` takes the model family's attention projections (`to_q`,
+            `to_k`, `to_v`, `to_out.0`). Defaults to `None`.
+        init_lora_weights: peft's initialisation of the adapter: `"gaussian"` (as the diffusers training scripts) or
+            `"true"` (peft's default, Kaiming-uniform A). Defaults to `"gaussian"`.
+        use_rslora: Rank-stabilised LoRA: scale by `lora_alpha / √r`. Defaults to `False`.
+        use_dora: Weight-decomposed LoRA (DoRA). Defaults to `False`.
 
-        > Quantization (QLoRA) is set in the training config, not here: `load_in_4bit`, `load_in_8bit`,
+    Note:
+        Quantization (QLoRA) is set in the training config, not here: `load_in_4bit`, `load_in_8bit`,
         `bnb_4bit_quant_type`, `bnb_4bit_compute_dtype` and `bnb_4bit_use_double_quant` of
-        [`DiffusionPreferenceConfig`]. With one of them set, the script hands the trainer the model path and the
+        [`DiffusionPreferenceConfig`][]. With one of them set, the script hands the trainer the model path and the
         trainer loads the denoiser quantized.
     """
 
@@ -105,7 +99,7 @@ class DiffusionModelConfig:
     use_dora: bool = field(default=False, metadata={"help": "Weight-decomposed LoRA (DoRA)."})
 
     def __post_init__(self):
-        if self.dtype not in ("auto", *_DTYPES):
+        if self.dtype not in ("auto", *DTYPES):
             raise ValueError(f"dtype must be 'auto', 'bfloat16', 'float16' or 'float32', got {self.dtype!r}.")
         # `--lora_target_modules all-linear` arrives as a one-element list; peft takes the string form.
         if isinstance(self.lora_target_modules, list) and self.lora_target_modules == ["all-linear"]:
@@ -140,18 +134,42 @@ def resolve_model_path(name_or_path: str) -> str:
     return target
 
 
-def load_pipeline(model_args: DiffusionModelConfig):
-    """Load the `DiffusionPipeline` that ``model_args`` names, with its revision, variant and dtype."""
+def load_pipeline(
+    model_args: "DiffusionModelConfig | str | os.PathLike", args: "DiffusionPreferenceConfig | None" = None
+) -> "DiffusionPipeline":
+    """Load the `DiffusionPipeline` that ``model_args`` names, with its revision, variant and dtype.
+
+    The one pipeline loader of the library: the scripts call it with their model arguments, the trainers with the
+    path or Hub id they are given.
+
+    Args:
+        model_args: the model arguments, or a pipeline folder, Hub id or tiny-model name (then loaded in its saved
+            dtype, at the default revision).
+        args: a training config; when it asks for quantization (``load_in_4bit`` / ``load_in_8bit``, QLoRA), the
+            denoiser's frozen base loads in 4 or 8 bits and its other layers in the run's compute dtype (revision,
+            variant and dtype of ``model_args`` are then not used).
+
+    Returns:
+        The loaded pipeline, on the CPU.
+
+    Raises:
+        ValueError: if no model is named.
+    """
     from diffusers import DiffusionPipeline
 
+    from .quantization import load_quantized_pipeline, wants_quantization
+    from .trainer.distributed import zero3_init_disabled
+
+    if isinstance(model_args, (str, os.PathLike)):
+        model_args = DiffusionModelConfig(model_name_or_path=str(model_args), dtype="auto")
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required (a Hub id, a local diffusers folder or `tiny-sd`).")
     path = resolve_model_path(model_args.model_name_or_path)
+    if args is not None and wants_quantization(args):
+        return load_quantized_pipeline(path, args, compute_dtype(args))
     kwargs = {"revision": model_args.model_revision, "variant": model_args.variant}
     if model_args.dtype != "auto":
-        kwargs["dtype"] = _DTYPES[model_args.dtype]
-    from .trainer.distributed import zero3_init_disabled
-
+        kwargs["dtype"] = DTYPES[model_args.dtype]
     with zero3_init_disabled():  # the frozen text encoders must load whole under ZeRO-3
         return DiffusionPipeline.from_pretrained(path, **kwargs)
 

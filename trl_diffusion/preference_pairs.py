@@ -1,6 +1,6 @@
 """On-policy preference pairs: sample a model several times per prompt, score the samples, pair the best with the worst.
 
-[`generate_preference_pairs`] samples ``images_per_prompt`` images for every prompt, each from its own fixed seed,
+[`generate_preference_pairs`][] samples ``images_per_prompt`` images for every prompt, each from its own fixed seed,
 scores them with any scorer (``scorer(images, prompts) -> scores``, see `trl_diffusion/scorers.py`), forms pairs
 and returns a Pick-a-Pic-format dataset: ``jpg_0``, ``jpg_1`` (PNG bytes), ``label_0`` (1 where image 0 scored
 higher), ``caption``, plus ``score_0``, ``score_1``, ``seed_0``, ``seed_1`` and ``prompt_index``. Every trainer of
@@ -21,7 +21,7 @@ first (the lower seed), so ``label_0`` records which one won and the column is n
 
 Under ``accelerate launch`` every process generates its own contiguous share of the prompts. A prompt's seeds
 (``seed + prompt_index · N + j``) and its batch (the images of that prompt only) do not depend on the number of
-processes, so N processes produce exactly the pairs of one. [`save_preference_pairs`] writes each process's share
+processes, so N processes produce exactly the pairs of one. [`save_preference_pairs`][] writes each process's share
 and the main process combines them (``save_to_disk``, parquet, or ``push_to_hub``).
 """
 
@@ -32,6 +32,7 @@ import os
 import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from datasets import Dataset, Features, Value
@@ -61,7 +62,9 @@ PAIR_FEATURES = Features(
 )
 
 
-def form_pairs(scores: Sequence[float], pairing: str = "best_worst", min_reward_gap: float = 0.0):
+def form_pairs(
+    scores: Sequence[float], pairing: str = "best_worst", min_reward_gap: float = 0.0
+) -> tuple[list[tuple[int, int]], int]:
     """Pairs ``(a, b)``, ``a < b``, of one prompt's images, and the number of candidate pairs dropped.
 
     A candidate is dropped when its gap ``|s_a − s_b|`` is zero or below ``min_reward_gap``.
@@ -92,7 +95,7 @@ def form_pairs(scores: Sequence[float], pairing: str = "best_worst", min_reward_
 
 @dataclass
 class PreferencePairs:
-    """What [`generate_preference_pairs`] made.
+    """What [`generate_preference_pairs`][] made.
 
     Attributes:
         dataset: the pairs this process generated (all of them in a single process), Pick-a-Pic columns.
@@ -170,7 +173,7 @@ def generate_preference_pairs(
     pairing: str = "best_worst",
     seed: int = 0,
     batch_size: int = 8,
-    **generation_kwargs,
+    **generation_kwargs: Any,
 ) -> PreferencePairs:
     """Sample ``images_per_prompt`` images per prompt with fixed seeds, score them and pair them (module docstring).
 

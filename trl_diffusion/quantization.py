@@ -1,7 +1,7 @@
 """QLoRA: load the denoiser's frozen base in 4 or 8 bits with bitsandbytes, and train LoRA adapters on top.
 
 The config's ``load_in_4bit`` / ``load_in_8bit`` fields (and ``bnb_4bit_quant_type``, ``bnb_4bit_compute_dtype``,
-``bnb_4bit_use_double_quant``) become a diffusers [`~diffusers.BitsAndBytesConfig`], and the denoiser alone is loaded
+``bnb_4bit_use_double_quant``) become a diffusers `diffusers.BitsAndBytesConfig`, and the denoiser alone is loaded
 with ``from_pretrained(path, subfolder=<unet|transformer>, quantization_config=...)``; the VAE and text encoders load
 as usual (their outputs are usually cached, see `trl_diffusion.encodings`). The reference is still the same network
 with its adapters disabled, i.e. the quantized base.
@@ -10,19 +10,18 @@ diffusers' bitsandbytes quantizer needs a GPU (its ``validate_environment`` refu
 """
 
 import importlib.util
-import os
 from typing import TYPE_CHECKING
 
 import torch
 from diffusers import DiffusionPipeline
+
+from .dtypes import DTYPES as COMPUTE_DTYPES
 
 
 if TYPE_CHECKING:
     from .trainer.base_config import DiffusionPreferenceConfig
 
 
-BNB_4BIT_QUANT_TYPES = ("nf4", "fp4")
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Pipeline components that can be the trained network, in the order the families use them
 DENOISER_NAMES = ("unet", "transformer")
 
@@ -83,7 +82,3 @@ def check_quantized_setup(denoiser: torch.nn.Module, args: "DiffusionPreferenceC
         raise ValueError(
             "A quantized denoiser cannot be fully fine-tuned: pass a `peft_config` to train LoRA (QLoRA)."
         )
-
-
-def is_local_or_hub_path(model) -> bool:
-    return isinstance(model, (str, os.PathLike))

@@ -1,31 +1,36 @@
 """Reward models that score generated images: ``scorer(images, prompts) -> scores``, one float per image.
 
 A scorer is any callable that takes a list of PIL images and their prompts and returns one float per image, higher
-meaning better. The evaluation ([`~trl_diffusion.evaluation.evaluate_preference`]) and on-policy pair generation
-([`~trl_diffusion.generate_preference_pairs`]) take any such callable. This module holds the ones people use, each
-its published formula on top of a `transformers` model:
+meaning better. The evaluation ([`evaluate_preference`][trl_diffusion.evaluation.evaluate_preference]) and on-policy
+pair generation ([`generate_preference_pairs`][trl_diffusion.generate_preference_pairs]) take any such callable. This
+module holds the ones people use, each its published formula on top of a `transformers` model:
 
 | scorer | score of image `x` for prompt `c` | weights (licence) |
 | --- | --- | --- |
-| [`CLIPScorer`] | `100 · cos(E_img(x), E_txt(c))` | any `transformers` CLIP, e.g. `openai/clip-vit-large-patch14` (MIT) |
-| [`PickScoreScorer`] | `exp(logit_scale) · cos(E_img(x), E_txt(c))` | `yuvalkirstain/PickScore_v1` (MIT) |
-| [`HPSv2Scorer`] | `cos(E_img(x), E_txt(c))` of a fine-tuned CLIP ViT-H/14 | `xswu/HPSv2`, `HPS_v2.1_compressed.pt` (Apache-2.0) |
-| [`AestheticScorer`] | `MLP(E_img(x) / ‖E_img(x)‖)` on CLIP ViT-L/14 | improved-aesthetic-predictor head (Apache-2.0) |
-| [`ImageRewardScorer`] | `(MLP(BLIP_text(c ⨯ x)[CLS]) − μ) / σ` | `THUDM/ImageReward`, `ImageReward.pt` (Apache-2.0) |
+| [`CLIPScorer`][] | `100 · cos(E_img(x), E_txt(c))` | any `transformers` CLIP, e.g. `openai/clip-vit-large-patch14` (MIT) |
+| [`PickScoreScorer`][] | `exp(logit_scale) · cos(E_img(x), E_txt(c))` | `yuvalkirstain/PickScore_v1` (MIT) |
+| [`HPSv2Scorer`][] | `cos(E_img(x), E_txt(c))` of a fine-tuned CLIP ViT-H/14 | `xswu/HPSv2`, `HPS_v2.1_compressed.pt` (Apache-2.0) |
+| [`AestheticScorer`][] | `MLP(E_img(x) / ‖E_img(x)‖)` on CLIP ViT-L/14 | improved-aesthetic-predictor head (Apache-2.0) |
+| [`ImageRewardScorer`][] | `(MLP(BLIP_text(c ⨯ x)[CLS]) − μ) / σ` | `THUDM/ImageReward`, `ImageReward.pt` (Apache-2.0) |
 
 `docs/building_preference_data.md` lists where each checkpoint comes from and what its licence allows.
 
-Video scorers take clips, ``(F, H, W, 3)`` uint8 arrays, and score each: [`per_frame_scorer`] turns any image scorer
-above into one (the mean over frames spread across the clip); [`video_redness_scorer`] and
-[`temporal_smoothness_scorer`] are rule-based.
+Video scorers take clips, ``(F, H, W, 3)`` uint8 arrays, and score each: [`per_frame_scorer`][] turns any image scorer
+above into one (the mean over frames spread across the clip); [`video_redness_scorer`][] and
+[`temporal_smoothness_scorer`][] are rule-based.
 """
 
 import logging
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image
+
+
+if TYPE_CHECKING:
+    from transformers import BlipConfig
 
 
 logger = logging.getLogger(__name__)
@@ -72,7 +77,8 @@ class CLIPScorer:
         model_name_or_path: a `transformers.CLIPModel` folder or Hub id.
         processor_name_or_path: its `CLIPProcessor` (defaults to ``model_name_or_path``).
         scale: multiplies the cosine; 100 gives the usual CLIP-score range.
-        device, dtype: where and in what precision the model runs.
+        device: where the model runs.
+        dtype: the precision the model runs in.
     """
 
     def __init__(
@@ -192,7 +198,7 @@ class HPSv2Scorer(CLIPScorer):
     HPS v2 is OpenCLIP ViT-H-14 fine-tuned on the HPD v2 comparisons. Its score is the plain cosine of the normalised
     image and text features (the ``image_features @ text_features.T`` diagonal of the authors' code, no logit
     scale). The authors publish an OpenCLIP checkpoint; it is converted here into a
-    `transformers.CLIPModel` of the same architecture ([`open_clip_to_transformers`]), so no OpenCLIP install is
+    `transformers.CLIPModel` of the same architecture ([`open_clip_to_transformers`][]), so no OpenCLIP install is
     needed.
 
     Args:
@@ -203,7 +209,8 @@ class HPSv2Scorer(CLIPScorer):
         config_name_or_path: the `CLIPModel` config and processor of the architecture: OpenCLIP's ViT-H-14 as LAION
             publishes it in transformers format (``laion/CLIP-ViT-H-14-laion2B-s32B-b79K``; only its config,
             tokenizer and preprocessing are used, not its weights).
-        device, dtype: where and in what precision the model runs.
+        device: where the model runs.
+        dtype: the precision the model runs in.
     """
 
     def __init__(
@@ -284,7 +291,8 @@ class AestheticScorer:
         model_name_or_path: the CLIP model the head was trained on (`openai/clip-vit-large-patch14`).
         head: the head's weights: a local ``.pth``/``.safetensors`` file or a URL (default: the published
             ``sac+logos+ava1-l14-linearMSE.pth``). ``.pth`` files are read with ``torch.load(weights_only=True)``.
-        device, dtype: where and in what precision the CLIP model runs (the head runs in float32).
+        device: where the model runs.
+        dtype: the precision the CLIP model runs in (the head runs in float32).
     """
 
     def __init__(
@@ -373,14 +381,15 @@ class ImageRewardScorer:
     tokens; its ``[CLS]`` state goes through a five-layer linear head (the LAION aesthetic head's shape, 768 inputs)
     and is standardised with the authors' constants ``μ = 0.16717362830052426``, ``σ = 1.0333394966054072``. The
     published checkpoint (BLIP-repository names) is converted into `transformers`' BLIP modules
-    ([`blip_to_transformers`]), so neither the ``image-reward`` package nor its BLIP code is needed.
+    ([`blip_to_transformers`][]), so neither the ``image-reward`` package nor its BLIP code is needed.
 
     Args:
         checkpoint: a local ``ImageReward.pt`` (or ``.safetensors``), or ``None`` to download ``ImageReward.pt`` from
             the Hub repo ``THUDM/ImageReward``; ``.pt`` is read with ``torch.load(weights_only=True)``.
-        config: a `transformers.BlipConfig` or a folder/Hub id holding one; ``None`` is [`image_reward_config`].
+        config: a `transformers.BlipConfig` or a folder/Hub id holding one; ``None`` is `image_reward_config`.
         tokenizer_name_or_path: BLIP's BERT tokenizer (``[DEC]``/``[ENC]`` added): ``Salesforce/blip-itm-large-coco``.
-        device, dtype: where and in what precision the model runs (the head runs in float32).
+        device: where the model runs.
+        dtype: the precision the model runs in (the head runs in float32).
     """
 
     mean, std, max_length = 0.16717362830052426, 1.0333394966054072, 35
@@ -388,7 +397,7 @@ class ImageRewardScorer:
     def __init__(
         self,
         checkpoint: str | None = None,
-        config=None,
+        config: "BlipConfig | str | None" = None,
         tokenizer_name_or_path: str = "Salesforce/blip-itm-large-coco",
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,

@@ -9,12 +9,14 @@ completion:
   accepted too.
 
 The column names are options (`DiffusionKTOConfig`: ``prompt_column``, ``image_column``, ``desirable_column``), and
-TRL's ``completion`` is accepted in place of ``image``. [`unpair_preference_dataset`] turns a pairwise dataset
+TRL's ``completion`` is accepted in place of ``image``. [`unpair_preference_dataset`][] turns a pairwise dataset
 (Pick-a-Pic or TRL style) into such rows, one desirable and one undesirable row per pair, so an unpaired method
 trains on the same data as the pairwise ones.
 """
 
 import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -24,6 +26,10 @@ from .data import (
     PreferenceDataset,
     PreparationStats,
 )
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 logger = logging.getLogger(__name__)
@@ -38,15 +44,15 @@ def is_pairwise(dataset, image_columns=PICKAPIC_IMAGE_COLUMNS) -> bool:
 
 
 def unpair_preference_dataset(
-    dataset,
+    dataset: "Dataset",
     caption_column: str = "caption",
-    image_columns=PICKAPIC_IMAGE_COLUMNS,
+    image_columns: Sequence[str] = PICKAPIC_IMAGE_COLUMNS,
     label_column: str = "label_0",
     skip_invalid_rows: bool = False,
-):
+) -> "Dataset":
     """Turn a pairwise `datasets.Dataset` into unpaired rows: each pair gives a desirable and an undesirable row.
 
-    The pairs are read as [`PreferenceDataset`] reads them (Pick-a-Pic or TRL-style columns, labels checked, ties
+    The pairs are read as [`PreferenceDataset`][] reads them (Pick-a-Pic or TRL-style columns, labels checked, ties
     dropped and counted, rows with a bad label or caption raising an error that names them, or skipped and counted
     with ``skip_invalid_rows``). Pair ``i`` becomes rows ``2i`` (its chosen image, ``label=True``) and ``2i + 1``
     (its rejected image, ``label=False``), with columns ``prompt``, ``image``, ``label`` and ``pair_index`` (the
@@ -100,18 +106,23 @@ class UnpairedPreferenceDataset(PreferenceDataset):
 
     Args:
         dataset: a `datasets.Dataset` in the unpaired schema (see the module docstring).
-        resolution, random_crop, random_flip, skip_invalid_rows: as for [`PreferenceDataset`].
-        prompt_column, image_column, desirable_column: the column names; when ``image_column`` is missing and the
-            dataset has TRL's ``completion`` column, that is used.
+        resolution: side of the square training images, as for [`PreferenceDataset`][].
+        random_crop: crop each image at a random offset instead of the centre.
+        random_flip: flip each image horizontally with probability 1/2.
+        skip_invalid_rows: drop rows with a bad label, prompt or image (counted and logged) instead of raising.
+        prompt_column: the prompt column.
+        image_column: the image column; when it is missing and the dataset has TRL's ``completion`` column, that is
+            used.
+        desirable_column: the label column (``True``/1 desirable, ``False``/0 undesirable).
 
     Attributes:
         rows: ``(dataset row, desirable)`` of every usable row.
-        stats: what was dropped (see [`PreparationStats`]); ``num_ties`` counts ties dropped while unpairing.
+        stats: what was dropped (see [`PreparationStats`][]); ``num_ties`` counts ties dropped while unpairing.
     """
 
     def __init__(
         self,
-        dataset,
+        dataset: "Dataset",
         resolution: int = 512,
         random_crop: bool = False,
         random_flip: bool = False,
@@ -195,7 +206,7 @@ class UnpairedPreferenceDataset(PreferenceDataset):
 
     def load_pair(self, index: int):
         """The dataset record of example ``index`` and its one decoded image, as a list (``None`` when the image is
-        unreadable and ``skip_invalid_rows`` is set). Named as [`PreferenceDataset.load_pair`], which the encoding
+        unreadable and ``skip_invalid_rows`` is set). Named as [`PreferenceDataset.load_pair`][], which the encoding
         cache calls."""
         row, _ = self.rows[index]
         record = self.dataset[row]

@@ -8,7 +8,7 @@ is any of:
   ``datasets.Video(decode=False)`` column holds it (``datasets.Video`` columns are read that way);
 - a path to a video file;
 - a path to a folder of frame images (``.png``, ``.jpg``, ``.jpeg``, ``.webp``, ``.bmp``), in file-name order;
-- a list of frames (anything [`trl_diffusion.data.load_image`] reads: bytes, PIL images, paths).
+- a list of frames (anything [`trl_diffusion.data.load_image`][] reads: bytes, PIL images, paths).
 
 Videos are decoded with PyAV (``pip install trl_diffusion[video]``) in the data-loader workers. A pair's two videos
 get the same clip: ``num_frames`` frames ``frame_stride`` apart, starting at the same relative position (the start,
@@ -21,11 +21,16 @@ import io
 import os
 import random
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from .data import PreferenceDataset, load_image
+
+
+if TYPE_CHECKING:
+    from datasets import Dataset
 
 
 FRAME_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -68,7 +73,7 @@ def _frame_folder(path: str, max_frames: int | None) -> list[np.ndarray]:
 
 def decode_video(value, max_frames: int | None = None) -> np.ndarray:
     """Decode a video cell (see the module docstring) into ``(T, H, W, 3)`` uint8 RGB frames, reading at most
-    ``max_frames`` frames. Raises on unreadable input; [`load_video`] turns that into a row/column error."""
+    ``max_frames`` frames. Raises on unreadable input; [`load_video`][] turns that into a row/column error."""
     if isinstance(value, dict) and (value.get("bytes") is not None or value.get("path")):
         value = value["bytes"] if value.get("bytes") is not None else value["path"]
     if isinstance(value, (bytes, bytearray)):
@@ -132,7 +137,7 @@ def paired_video_transform(
 ) -> tuple[list[torch.Tensor], list[tuple[int, int]], list[tuple[int, int]]]:
     """Cut the same clip out of each video of a pair and transform them the same way.
 
-    Temporal: one relative start for the pair (``temporal_crop``: 0, 1/2, or uniform), see [`clip_indices`].
+    Temporal: one relative start for the pair (``temporal_crop``: 0, 1/2, or uniform), see [`clip_indices`][].
     Spatial: each video is resized (bilinear, antialiased) so that it covers ``size = (height, width)``, then all
     are flipped together (``random_flip``, or ``flip`` when given) and cropped at one relative offset (the centre, or
     uniform with ``random_crop``). Returns ``(3, num_frames, height, width)`` tensors in ``[-1, 1]``, each video's
@@ -169,27 +174,27 @@ class VideoPreferenceDataset(PreferenceDataset):
 
     Examples hold ``chosen_pixel_values`` and ``rejected_pixel_values`` of shape ``(3, F, H, W)``, so the collator's
     ``pixel_values`` are ``(2B, 3, F, H, W)``, chosen first. Labels, ties, captions and ``skip_invalid_rows`` work
-    as for images (see [`PreferenceDataset`]); a too-short video is an invalid row like an unreadable one.
+    as for images (see [`PreferenceDataset`][]); a too-short video is an invalid row like an unreadable one.
 
     Args:
         dataset: a `datasets.Dataset` with two video columns (see the module docstring).
         size: ``(height, width)`` of the training frames.
         num_frames: frames per clip.
         frame_stride: take every ``frame_stride``-th source frame.
-        temporal_crop: ``"start"``, ``"center"`` or ``"random"`` (see [`paired_video_transform`]).
+        temporal_crop: ``"start"``, ``"center"`` or ``"random"`` (see `paired_video_transform`).
         video_columns: the two video columns of the Pick-a-Pic-style schema.
-        kwargs: the other arguments of [`PreferenceDataset`] (``random_crop``, ``random_flip``, ``drop_ties``...).
+        kwargs: the other arguments of [`PreferenceDataset`][] (``random_crop``, ``random_flip``, ``drop_ties``...).
     """
 
     def __init__(
         self,
-        dataset,
+        dataset: "Dataset",
         size: tuple[int, int],
         num_frames: int,
         frame_stride: int = 1,
         temporal_crop: str = "start",
         video_columns: Sequence[str] = ("video_0", "video_1"),
-        **kwargs,
+        **kwargs: Any,
     ):
         if temporal_crop not in ("start", "center", "random"):
             raise ValueError(f"temporal_crop must be 'start', 'center' or 'random', got {temporal_crop!r}.")

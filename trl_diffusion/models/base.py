@@ -1,13 +1,11 @@
 """The interface every model family implements, so that no trainer needs to know which model it trains."""
 
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from diffusers import DiffusionPipeline
 
-
-if TYPE_CHECKING:
-    from ..trainer.base_config import DiffusionPreferenceConfig
+from .options import FamilyOptions
 
 
 def token_ids(tokenizer, prompts: list[str], device: torch.device, max_length: int | None = None) -> torch.Tensor:
@@ -36,7 +34,7 @@ class DiffusionFamily:
 
     A family wraps a loaded pipeline and tells the trainers how to encode prompts and images, how to turn a uniform
     random number into a training timestep, how to noise a latent, what the regression target is, and how to call
-    the denoiser. It reads its options (resolution, flow-matching density...) from the trainer's config ``args``.
+    the denoiser. It reads its options (resolution, flow-matching density...) from a [`FamilyOptions`].
     Subclasses set the class attributes and override the methods that differ.
 
     Attributes:
@@ -51,9 +49,18 @@ class DiffusionFamily:
     lora_target_modules: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
     is_video: bool = False
 
-    def __init__(self, pipeline: DiffusionPipeline, args: "DiffusionPreferenceConfig"):
+    def __init__(self, pipeline: DiffusionPipeline, options: FamilyOptions):
         self.pipeline = pipeline
-        self.args = args
+        self.options = options
+
+    def encoding_key(self) -> dict[str, Any]:
+        """What identifies the family's encoders besides their weights, for the encoding cache's fingerprint: the
+        family and pipeline classes and the options that can change encodings ([`FamilyOptions.encoding_key`])."""
+        return {
+            "family": f"{type(self).__module__}.{type(self).__qualname__}",
+            "pipeline": type(self.pipeline).__name__,
+            "options": self.options.encoding_key(),
+        }
 
     @property
     def denoiser(self) -> torch.nn.Module:
@@ -76,7 +83,7 @@ class DiffusionFamily:
         raise NotImplementedError
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        """Prompt conditioning, one row per prompt, as keyword tensors that [`predict`] understands."""
+        """Prompt conditioning, one row per prompt, as keyword tensors that [`predict`][] understands."""
         raise NotImplementedError
 
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:

@@ -63,11 +63,12 @@ def flow_loss_weights(sigmas: torch.Tensor, weighting: str) -> torch.Tensor:
 class FlowMatchingFamily(DiffusionFamily):
     """Shared base of the rectified-flow families (SD3, Flux), configured by the trainer's config.
 
-    Timesteps: ``σ = shift(clamp(density⁻¹(u), 1/T, 1))`` and ``t = σ·T`` (see [`sigmas_from_uniform`]). The clamp
+    Timesteps: ``σ = shift(clamp(density⁻¹(u), 1/T, 1))`` and ``t = σ·T`` (see [`sigmas_from_uniform`][]). The clamp
     keeps ``σ`` on the range of the examples' discrete grid ``{1/T, ..., 1}``. The shift is the scheduler's static
     ``shift`` (SD3: 3.0), which the examples apply through ``scheduler.timesteps``; a scheduler with
-    ``use_dynamic_shifting`` (Flux) shifts by image size: here it leaves ``σ`` unshifted, and [`ResolutionShiftMixin`]
-    applies the pipeline's resolution shift where the family or `resolution_shift` asks for it.
+    ``use_dynamic_shifting`` (Flux) shifts by image size: here it leaves ``σ`` unshifted, and
+    [`ResolutionShiftMixin`][] applies the pipeline's resolution shift where the family or `resolution_shift` asks for
+    it.
 
     Error weights: ``w(σ) = flow_loss_weighting(σ)``, times ``(1 − σ)²`` with ``epsilon_equivalent_errors``.
 
@@ -78,23 +79,23 @@ class FlowMatchingFamily(DiffusionFamily):
     # The pipeline's default T5 prompt length, used when `max_sequence_length` is unset
     default_max_sequence_length: int = 256
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         config = pipeline.scheduler.config
         self._num_train_timesteps = int(config.num_train_timesteps)
         self.shift = 1.0 if config.get("use_dynamic_shifting", False) else float(config.get("shift", 1.0))
 
     def _check_resolution(self, multiple: int) -> None:
-        if self.args.resolution % multiple:
+        if self.options.resolution % multiple:
             raise ValueError(
                 f"{type(self.pipeline).__name__} needs a resolution that is a multiple of {multiple}, "
-                f"got {self.args.resolution}."
+                f"got {self.options.resolution}."
             )
 
     def max_sequence_length(self, t5_tokenizer) -> int:
         """T5 prompt length: ``max_sequence_length``, else the pipeline's default capped at the tokenizer's limit."""
-        if self.args.max_sequence_length is not None:
-            return self.args.max_sequence_length
+        if self.options.max_sequence_length is not None:
+            return self.options.max_sequence_length
         if t5_tokenizer is None:
             return self.default_max_sequence_length
         return min(self.default_max_sequence_length, t5_tokenizer.model_max_length)
@@ -113,9 +114,9 @@ class FlowMatchingFamily(DiffusionFamily):
         return (latents - (vae.config.shift_factor or 0.0)) * vae.config.scaling_factor
 
     def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:
-        args = self.args
+        options = self.options
         sigmas = sigmas_from_uniform(
-            u.float(), args.weighting_scheme, args.logit_mean, args.logit_std, args.mode_scale
+            u.float(), options.weighting_scheme, options.logit_mean, options.logit_std, options.mode_scale
         )
         sigmas = shift_sigmas(sigmas.clamp(1 / self.num_train_timesteps, 1.0), self.shift)
         return sigmas * self.num_train_timesteps
@@ -131,7 +132,7 @@ class FlowMatchingFamily(DiffusionFamily):
         return noise - latents
 
     def error_weights(self, timesteps: torch.Tensor) -> torch.Tensor | None:
-        weighting, epsilon_equivalent = self.args.flow_loss_weighting, self.args.epsilon_equivalent_errors
+        weighting, epsilon_equivalent = self.options.flow_loss_weighting, self.options.epsilon_equivalent_errors
         if weighting == "none" and not epsilon_equivalent:
             return None
         sigmas = self.sigmas(timesteps)

@@ -16,7 +16,7 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_latents(packed: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of [`pack_latents`]: ``(B, H/2·W/2, 4C) → (B, C, H, W)``, for latents of ``height x width``."""
+    """The inverse of [`pack_latents`][]: ``(B, H/2·W/2, 4C) → (B, C, H, W)``, for latents of ``height x width``."""
     batch, _, packed_channels = packed.shape
     channels = packed_channels // 4
     patches = packed.reshape(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
@@ -35,21 +35,21 @@ class FluxFamily(ResolutionShiftMixin, FlowMatchingFamily):
 
     The conditioning is built as ``FluxPipeline.encode_prompt`` builds it: ``pooled_projections`` is the CLIP
     text model's pooled output and ``encoder_hidden_states`` T5's last hidden states (``max_sequence_length``
-    tokens). [`predict`] packs the ``(2B, C, H, W)`` latents into ``H/2·W/2`` tokens of ``4C`` channels, adds the
+    tokens). [`predict`][] packs the ``(2B, C, H, W)`` latents into ``H/2·W/2`` tokens of ``4C`` channels, adds the
     position ids (zeros for text, ``(0, row, column)`` for the image), the timestep as ``σ = t/T`` and, for
     guidance-distilled transformers (``guidance_embeds``, e.g. FLUX.1 dev), the guidance ``guidance_scale``; it unpacks
     the prediction, so errors and losses see the usual latent shape.
 
     Noise levels are not shifted by default, as in the diffusers Flux example; ``resolution_shift=True`` shifts them
-    with the pipeline's ``μ`` for ``resolution`` (see [`ResolutionShiftMixin`]).
+    with the pipeline's ``μ`` for ``resolution`` (see [`ResolutionShiftMixin`][]).
     """
 
     pipeline_class_names = ("FluxPipeline",)
     default_resolution_shift = False
     default_max_sequence_length = 512
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         self._check_resolution(2 * pipeline.vae_scale_factor)
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -67,7 +67,7 @@ class FluxFamily(ResolutionShiftMixin, FlowMatchingFamily):
         device, dtype = noisy_latents.device, noisy_latents.dtype
         guidance = None
         if self.denoiser.config.guidance_embeds:
-            guidance = torch.full((batch,), self.args.guidance_scale, device=device, dtype=dtype)
+            guidance = torch.full((batch,), self.options.guidance_scale, device=device, dtype=dtype)
         text_length = conditioning["encoder_hidden_states"].shape[1]
         prediction = denoiser(
             hidden_states=pack_latents(noisy_latents),

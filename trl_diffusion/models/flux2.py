@@ -28,7 +28,7 @@ def pack_latents(latents: torch.Tensor) -> torch.Tensor:
 
 
 def unpack_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """The inverse of [`pack_latents`]: ``(B, h·w, C) → (B, C, h, w)``."""
+    """The inverse of [`pack_latents`][]: ``(B, h·w, C) → (B, C, h, w)``."""
     batch, _, channels = tokens.shape
     return tokens.permute(0, 2, 1).reshape(batch, channels, height, width)
 
@@ -57,7 +57,7 @@ class Flux2Family(ResolutionShiftMixin, FlowMatchingFamily):
 
     Latents: the VAE's posterior mode, patchified 2x2 into ``4C`` channels and normalised by the VAE's batch-norm
     statistics, ``z = (patchify(x) − running_mean) / √(running_var + ε)``; training errors are means over that
-    ``(4C, H/2, W/2)`` latent. [`predict`] packs it into one token per position with ids ``(0, row, column, 0)``
+    ``(4C, H/2, W/2)`` latent. [`predict`][] packs it into one token per position with ids ``(0, row, column, 0)``
     (text ids ``(0, 0, 0, l)``), feeds ``σ = t/T`` and, where the transformer has a guidance embedding (dev, not
     klein), ``guidance_scale``.
 
@@ -69,8 +69,8 @@ class Flux2Family(ResolutionShiftMixin, FlowMatchingFamily):
     lora_target_modules = ("to_q", "to_k", "to_v", "to_out.0", "to_qkv_mlp_proj")
     default_max_sequence_length = 512
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         self._check_resolution(2 * pipeline.vae_scale_factor)
         self.klein = isinstance(pipeline, Flux2KleinPipeline)
         self.hidden_states_layers = (9, 18, 27) if self.klein else (10, 20, 30)
@@ -128,7 +128,7 @@ class Flux2Family(ResolutionShiftMixin, FlowMatchingFamily):
         device, dtype = noisy_latents.device, noisy_latents.dtype
         guidance = None
         if self.denoiser.config.guidance_embeds:
-            guidance = torch.full((batch,), self.args.guidance_scale, device=device, dtype=torch.float32)
+            guidance = torch.full((batch,), self.options.guidance_scale, device=device, dtype=torch.float32)
         prediction = denoiser(
             hidden_states=pack_latents(noisy_latents),
             timestep=self.sigmas(timesteps).to(dtype),

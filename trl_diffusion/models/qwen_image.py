@@ -19,7 +19,7 @@ class QwenImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
     tokens; the transformer attends to those only, and the padding changes no text token's rotary position.
 
     Latents: the VAE (a one-frame video VAE) posterior's mode, normalised per channel,
-    ``z = (x − latents_mean) / latents_std``, as ``(C, H, W)`` images. [`predict`] packs them 2x2 into tokens as
+    ``z = (x − latents_mean) / latents_std``, as ``(C, H, W)`` images. [`predict`][] packs them 2x2 into tokens as
     Flux.1 does, with ``img_shapes = (1, H/2, W/2)``, and feeds ``σ = t/T`` (and ``guidance_scale`` to a
     guidance-distilled transformer).
 
@@ -32,8 +32,8 @@ class QwenImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
     pipeline_class_names = ("QwenImagePipeline",)
     default_max_sequence_length = 512
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         self._check_resolution(2 * pipeline.vae_scale_factor)
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:
@@ -70,7 +70,7 @@ class QwenImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
         batch, _, height, width = noisy_latents.shape
         guidance = None
         if self.denoiser.config.guidance_embeds:
-            guidance = torch.full((batch,), self.args.guidance_scale, device=noisy_latents.device)
+            guidance = torch.full((batch,), self.options.guidance_scale, device=noisy_latents.device)
         prediction = denoiser(
             hidden_states=pack_latents(noisy_latents),
             timestep=self.sigmas(timesteps).to(noisy_latents.dtype),

@@ -8,7 +8,7 @@ a ``μ`` that the pipeline computes from the number of image tokens, with `FlowM
   ``s = e^μ``;
 - ``linear``: ``σ' = μ / (μ + (1/σ − 1))``, the static shift with ``s = μ``.
 
-[`ResolutionShiftMixin`] applies the same shift to the training noise levels, for the training resolution, so that
+[`ResolutionShiftMixin`][] applies the same shift to the training noise levels, for the training resolution, so that
 training sees the noise levels the pipeline samples at.
 """
 
@@ -43,8 +43,8 @@ def linear_mu(image_seq_len: int, scheduler_config) -> float:
 class ResolutionShiftMixin:
     """Shift a flow-matching family's training noise levels by the pipeline's ``μ`` at the training resolution.
 
-    Put it before [`FlowMatchingFamily`] in the bases. With a dynamic-shift scheduler the base family leaves ``σ``
-    unshifted; this mixin then maps it through [`time_shift`] with ``μ = `` [`resolution_mu`], when the config's
+    Put it before [`FlowMatchingFamily`][] in the bases. With a dynamic-shift scheduler the base family leaves ``σ``
+    unshifted; this mixin then maps it through [`time_shift`][] with ``μ = `` [`resolution_mu`][], when the config's
     ``resolution_shift`` (or, if that is ``None``, the class's ``default_resolution_shift``) says so.
 
     Attributes:
@@ -53,11 +53,11 @@ class ResolutionShiftMixin:
 
     default_resolution_shift: bool = True
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         config = pipeline.scheduler.config
         dynamic = bool(config.get("use_dynamic_shifting", False))
-        requested = getattr(args, "resolution_shift", None)
+        requested = options.resolution_shift
         if requested and not dynamic:
             raise ValueError(
                 f"resolution_shift=True, but the scheduler of {type(pipeline).__name__} has a static shift "
@@ -69,11 +69,11 @@ class ResolutionShiftMixin:
     def image_seq_len(self) -> int:
         """Image tokens of a ``resolution``² training image: latents of ``resolution / vae_scale_factor`` a side,
         in 2x2 patches."""
-        side = self.args.resolution // (2 * self.pipeline.vae_scale_factor)
+        side = self.options.resolution // (2 * self.pipeline.vae_scale_factor)
         return side * side
 
     def resolution_mu(self) -> float:
-        """The ``μ`` the pipeline uses for a ``resolution``² image (default: [`linear_mu`])."""
+        """The ``μ`` the pipeline uses for a ``resolution``² image (default: [`linear_mu`][])."""
         return linear_mu(self.image_seq_len(), self.pipeline.scheduler.config)
 
     def timesteps_from_uniform(self, u: torch.Tensor) -> torch.Tensor:

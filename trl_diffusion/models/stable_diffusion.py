@@ -16,8 +16,8 @@ class StableDiffusionFamily(DiffusionFamily):
     pipeline_class_names = ("StableDiffusionPipeline",)
     denoiser_name = "unet"
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         self.noise_scheduler = DDPMScheduler.from_config(pipeline.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         if self.prediction_type not in ("epsilon", "v_prediction"):

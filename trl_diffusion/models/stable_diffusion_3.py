@@ -8,7 +8,7 @@ from .resolution_shift import ResolutionShiftMixin
 
 
 class StableDiffusion3Family(ResolutionShiftMixin, FlowMatchingFamily):
-    """SD3/SD3.5 (``StableDiffusion3Pipeline``), trained with flow matching (see [`FlowMatchingFamily`]).
+    """SD3/SD3.5 (``StableDiffusion3Pipeline``), trained with flow matching (see [`FlowMatchingFamily`][]).
 
     The prompt conditioning is built as ``StableDiffusion3Pipeline.encode_prompt`` builds it (without its second,
     untruncated tokenisation and the truncation warning it logs every step):
@@ -24,8 +24,8 @@ class StableDiffusion3Family(ResolutionShiftMixin, FlowMatchingFamily):
     pipeline_class_names = ("StableDiffusion3Pipeline",)
     default_max_sequence_length = 256
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         self._check_resolution(pipeline.vae_scale_factor * self.denoiser.config.patch_size)
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:

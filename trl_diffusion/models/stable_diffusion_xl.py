@@ -10,7 +10,7 @@ from .stable_diffusion import StableDiffusionFamily
 
 
 class StableDiffusionXLFamily(StableDiffusionFamily):
-    """SDXL. Noise, timesteps and targets (``epsilon`` or ``v_prediction``) are those of [`StableDiffusionFamily`].
+    """SDXL. Noise, timesteps and targets (``epsilon`` or ``v_prediction``) are those of [`StableDiffusionFamily`][].
 
     What differs is the conditioning, built as ``StableDiffusionXLPipeline.encode_prompt`` and ``_get_add_time_ids``
     build it:
@@ -29,13 +29,13 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     pipeline_class_names = ("StableDiffusionXLPipeline",)
     denoiser_name = "unet"
 
-    def __init__(self, pipeline, args):
-        vae_path = args.pretrained_vae_model_name_or_path
+    def __init__(self, pipeline, options):
+        vae_path = options.pretrained_vae_model_name_or_path
         if vae_path is not None:
             subfolder = "vae" if os.path.isdir(os.path.join(vae_path, "vae")) else None
             pipeline.register_modules(vae=AutoencoderKL.from_pretrained(vae_path, subfolder=subfolder))
-        super().__init__(pipeline, args)
-        self.upcast_vae = args.upcast_vae if args.upcast_vae is not None else vae_path is None
+        super().__init__(pipeline, options)
+        self.upcast_vae = options.upcast_vae if options.upcast_vae is not None else vae_path is None
 
     def frozen_module_dtype(self, name: str, compute_dtype: torch.dtype) -> torch.dtype:
         return torch.float32 if name == "vae" and self.upcast_vae else compute_dtype
@@ -51,7 +51,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     def image_conditioning(self, inputs: dict) -> dict[str, torch.Tensor]:
         """``time_ids`` of shape ``(2B, 6)``: original size, crop top-left and target size of every image."""
         original_sizes, crop_top_lefts = inputs["original_sizes"], inputs["crop_top_lefts"]
-        target_sizes = torch.full_like(original_sizes, self.args.resolution)
+        target_sizes = torch.full_like(original_sizes, self.options.resolution)
         return {"time_ids": torch.cat([original_sizes, crop_top_lefts, target_sizes], dim=1).float()}
 
     def predict(self, denoiser, noisy_latents, timesteps, conditioning):

@@ -19,7 +19,7 @@ class WanFamily(FlowMatchingFamily):
       zeroed: ``encoder_hidden_states`` of ``WanPipeline.encode_prompt``.
     - Latents: the VAE posterior's mode, normalised per channel, ``z = (μ − latents_mean) / latents_std`` (the
       inverse of the pipeline's ``z·latents_std + latents_mean`` before decoding).
-    - Noise levels: the flow-matching densities of [`FlowMatchingFamily`], then the scheduler's shift: Wan's
+    - Noise levels: the flow-matching densities of [`FlowMatchingFamily`][], then the scheduler's shift: Wan's
       ``UniPCMultistepScheduler`` with ``use_flow_sigmas`` shifts its sigmas by ``flow_shift`` (3.0 for 480p,
       5.0 for 720p), a ``FlowMatchEulerDiscreteScheduler`` by its static ``shift``. The transformer takes
       ``t = σ·T`` (``T = 1000``), one per sample, or one per latent token for Wan 2.2 TI2V (``expand_timesteps``).
@@ -38,8 +38,8 @@ class WanFamily(FlowMatchingFamily):
     # 81 frames: Wan's 5-second clips at 16 fps, 21 latent frames
     default_num_frames = 81
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         config = pipeline.scheduler.config
         if config.get("use_flow_sigmas", False):
             self.shift = 1.0 if config.get("use_dynamic_shifting", False) else float(config.flow_shift)
@@ -55,12 +55,16 @@ class WanFamily(FlowMatchingFamily):
     @property
     def num_frames(self) -> int:
         """Frames of a training clip: ``num_frames`` of the config, else 81."""
-        return self.args.num_frames or self.default_num_frames
+        return self.options.num_frames or self.default_num_frames
 
     @property
     def frame_size(self) -> tuple[int, int]:
         """``(height, width)`` of the training frames: ``video_size``, else ``resolution`` squared."""
-        return tuple(self.args.video_size) if self.args.video_size else (self.args.resolution, self.args.resolution)
+        return (
+            tuple(self.options.video_size)
+            if self.options.video_size
+            else (self.options.resolution, self.options.resolution)
+        )
 
     def _check_video_size(self) -> None:
         temporal = self.pipeline.vae_scale_factor_temporal

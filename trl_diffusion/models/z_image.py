@@ -13,12 +13,13 @@ class ZImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
     (generation prompt, thinking on), padded to ``max_sequence_length`` tokens (default 512, the pipeline's, capped at the tokenizer's
     ``model_max_length``), and
     the text encoder's penultimate hidden states. The pipeline keeps each prompt's unpadded rows as a list; here they
-    stay in one ``(B, L, D)`` tensor (padding rows zeroed) with ``prompt_mask``, and [`predict`] hands the
+    stay in one ``(B, L, D)`` tensor (padding rows zeroed) with ``prompt_mask``, and [`predict`][] hands the
     transformer the unpadded rows, as the pipeline does.
 
     The transformer's conventions differ from the other flow-matching families: its time input is ``1 − σ`` and it
-    predicts ``x_0 − ε``, the negative of the velocity ``v = ε − x_0`` (the pipeline negates it before the Euler
-    step). [`predict`] feeds ``(T − t)/T = 1 − σ`` and returns the negated output, so the target is ``v`` as for SD3 and Flux.
+    predicts ``x_0 − ε``, the negative of the velocity ``v = ε − x_0`` (the pipeline negates it before the Euler step).
+    [`predict`][] feeds ``(T − t)/T = 1 − σ`` and returns the negated output, so the target is ``v`` as for SD3 and
+    Flux.
 
     Latents: ``z = (mean − shift_factor)·scaling_factor`` of the (Flux.1) VAE, one-frame ``(C, 1, H, W)`` inputs to
     the transformer, which patchifies them 2x2. Noise levels: the flow-matching density, then the scheduler's static
@@ -28,8 +29,8 @@ class ZImageFamily(ResolutionShiftMixin, FlowMatchingFamily):
     pipeline_class_names = ("ZImagePipeline",)
     default_max_sequence_length = 512
 
-    def __init__(self, pipeline, args):
-        super().__init__(pipeline, args)
+    def __init__(self, pipeline, options):
+        super().__init__(pipeline, options)
         self._check_resolution(2 * pipeline.vae_scale_factor)
 
     def encode_prompt(self, prompts: list[str]) -> dict[str, torch.Tensor]:

@@ -30,69 +30,50 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class GeneratePairsConfig:
-    r"""
-    Arguments of `trl-diffusion generate-pairs` (the model to sample comes from [`DiffusionModelConfig`]).
+    """Arguments of `trl-diffusion generate-pairs` (the model to sample comes from [`DiffusionModelConfig`][]).
 
-    Parameters:
-        prompts (`list[str]` or `None`, *optional*, defaults to `None`):
-            Prompts to sample. Exactly one of `prompts`, `prompts_file` and `dataset_name` must be given.
-        prompts_file (`str` or `None`, *optional*, defaults to `None`):
-            A text file with one prompt per line (blank lines are skipped).
-        dataset_name (`str` or `None`, *optional*, defaults to `None`):
-            A dataset (Hub id, folder or data file) whose `prompt_column` holds the prompts.
-        dataset_config (`str` or `None`, *optional*, defaults to `None`):
-            Configuration name of `dataset_name`.
-        dataset_split (`str`, *optional*, defaults to `"train"`):
-            Split of `dataset_name`.
-        prompt_column (`str`, *optional*, defaults to `"caption"`):
-            Prompt column of `dataset_name`.
-        max_prompts (`int` or `None`, *optional*, defaults to `None`):
-            Use at most this many prompts (after removing duplicates).
-        deduplicate_prompts (`bool`, *optional*, defaults to `True`):
-            Sample each distinct prompt once (Pick-a-Pic repeats captions); the number removed is logged.
-        lora_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            A LoRA (diffusers format) loaded into the pipeline before sampling, to sample a tuned policy.
-        scorer (`str`, *optional*, defaults to `"pickscore"`):
-            Reward model: `pickscore`, `hpsv2`, `imagereward`, `aesthetic`, `clip`, or a rule-based `redness`,
-            `saturation`, `frame`.
-        scorer_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            The scorer's model: a CLIP folder or Hub id (`pickscore`, `clip`, `aesthetic`), or the checkpoint file of
-            `hpsv2` and `imagereward`. `None` takes the scorer's published default.
-        scorer_processor_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            `pickscore`, `clip`: the CLIP processor, when it is not beside the model.
-        aesthetic_head (`str` or `None`, *optional*, defaults to `None`):
-            `aesthetic`: the head's weights (file or URL); `None` takes the published LAION head.
-        hps_version (`str`, *optional*, defaults to `"v2.1"`):
-            `hpsv2` without a checkpoint: which published checkpoint to download (`v2.1` or `v2.0`).
-        images_per_prompt (`int`, *optional*, defaults to `4`):
-            Images sampled per prompt.
-        min_reward_gap (`float`, *optional*, defaults to `0.0`):
-            Drop pairs whose score gap is below this (and ties); the count is logged.
-        pairing (`str`, *optional*, defaults to `"best_worst"`):
-            `best_worst` (one pair per prompt) or `all` (every pair above the gap).
-        seed (`int`, *optional*, defaults to `0`):
-            Image `j` of prompt `i` uses seed `seed + i * images_per_prompt + j`.
-        batch_size (`int`, *optional*, defaults to `8`):
-            Images generated at once.
-        num_inference_steps (`int`, *optional*, defaults to `30`):
-            Denoising steps per image.
-        guidance_scale (`float` or `None`, *optional*, defaults to `None`):
-            Classifier-free guidance scale; `None` keeps the pipeline's default.
-        height (`int` or `None`, *optional*, defaults to `None`), width (`int` or `None`, *optional*, defaults to `None`):
-            Image size; `None` keeps the pipeline's default.
-        output_dir (`str`, *optional*, defaults to `"preference_pairs"`):
-            Where the dataset is written.
-        output_format (`str`, *optional*, defaults to `"disk"`):
-            `disk` (`Dataset.save_to_disk`) or `parquet` (one `train-*.parquet` file per process).
-        push_to_hub (`bool`, *optional*, defaults to `False`):
-            Also upload the dataset to `hub_dataset_id`.
-        hub_dataset_id (`str` or `None`, *optional*, defaults to `None`):
-            Hub dataset repository to push to.
-        hub_private (`bool` or `None`, *optional*, defaults to `None`):
-            Create the Hub repository private.
-        use_cpu (`bool`, *optional*, defaults to `False`):
-            Run on the CPU even where an accelerator is present; with `--multi_gpu --num_processes N` it starts N CPU
-            processes that talk over gloo.
+    Args:
+        prompts: Prompts to sample. Exactly one of `prompts`, `prompts_file` and `dataset_name` must be given. Defaults
+            to `None`.
+        prompts_file: A text file with one prompt per line (blank lines are skipped). Defaults to `None`.
+        dataset_name: A dataset (Hub id, folder or data file) whose `prompt_column` holds the prompts. Defaults to
+            `None`.
+        dataset_config: Configuration name of `dataset_name`. Defaults to `None`.
+        dataset_split: Split of `dataset_name`. Defaults to `"train"`.
+        prompt_column: Prompt column of `dataset_name`. Defaults to `"caption"`.
+        max_prompts: Use at most this many prompts (after removing duplicates). Defaults to `None`.
+        deduplicate_prompts: Sample each distinct prompt once (Pick-a-Pic repeats captions); the number removed is
+            logged. Defaults to `True`.
+        lora_name_or_path: A LoRA (diffusers format) loaded into the pipeline before sampling, to sample a tuned
+            policy. Defaults to `None`.
+        scorer: Reward model: `pickscore`, `hpsv2`, `imagereward`, `aesthetic`, `clip`, or a rule-based `redness`,
+            `saturation`, `frame`. Defaults to `"pickscore"`.
+        scorer_model_name_or_path: The scorer's model: a CLIP folder or Hub id (`pickscore`, `clip`, `aesthetic`), or
+            the checkpoint file of `hpsv2` and `imagereward`. `None` takes the scorer's published default. Defaults to
+            `None`.
+        scorer_processor_name_or_path: `pickscore`, `clip`: the CLIP processor, when it is not beside the model.
+            Defaults to `None`.
+        aesthetic_head: `aesthetic`: the head's weights (file or URL); `None` takes the published LAION head. Defaults
+            to `None`.
+        hps_version: `hpsv2` without a checkpoint: which published checkpoint to download (`v2.1` or `v2.0`). Defaults
+            to `"v2.1"`.
+        images_per_prompt: Images sampled per prompt. Defaults to `4`.
+        min_reward_gap: Drop pairs whose score gap is below this (and ties); the count is logged. Defaults to `0.0`.
+        pairing: `best_worst` (one pair per prompt) or `all` (every pair above the gap). Defaults to `"best_worst"`.
+        seed: Image `j` of prompt `i` uses seed `seed + i * images_per_prompt + j`. Defaults to `0`.
+        batch_size: Images generated at once. Defaults to `8`.
+        num_inference_steps: Denoising steps per image. Defaults to `30`.
+        guidance_scale: Classifier-free guidance scale; `None` keeps the pipeline's default. Defaults to `None`.
+        height: Image height; `None` keeps the pipeline's default. Defaults to `None`.
+        width: Image width; `None` keeps the pipeline's default. Defaults to `None`.
+        output_dir: Where the dataset is written. Defaults to `"preference_pairs"`.
+        output_format: `disk` (`Dataset.save_to_disk`) or `parquet` (one `train-*.parquet` file per process). Defaults
+            to `"disk"`.
+        push_to_hub: Also upload the dataset to `hub_dataset_id`. Defaults to `False`.
+        hub_dataset_id: Hub dataset repository to push to. Defaults to `None`.
+        hub_private: Create the Hub repository private. Defaults to `None`.
+        use_cpu: Run on the CPU even where an accelerator is present; with `--multi_gpu --num_processes N` it starts N
+            CPU processes that talk over gloo. Defaults to `False`.
     """
 
     prompts: list[str] | None = field(default=None, metadata={"help": "Prompts to sample."})

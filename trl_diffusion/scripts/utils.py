@@ -14,21 +14,19 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class DiffusionScriptArguments(ScriptArguments):
-    r"""
-    TRL's [`~trl.ScriptArguments`] (`dataset_name`, `dataset_config`, `dataset_train_split`, `dataset_test_split`...)
-    plus the validation images of a diffusion run.
+    """TRL's `trl.ScriptArguments` plus the validation images of a diffusion run.
 
-    Parameters:
-        validation_prompts (`list[str]` or `None`, *optional*, defaults to `None`):
-            Prompts to generate images for with the policy every `validation_steps` optimizer steps and at the end
-            of training. The images are logged to the trackers, saved under `output_dir/images/` and shown as widget
-            images in the model card.
-        validation_steps (`int`, *optional*, defaults to `0`):
-            Generate validation images every this many steps; `0` only at the end of training.
-        validation_inference_steps (`int`, *optional*, defaults to `25`):
-            Denoising steps of each validation image.
-        validation_guidance_scale (`float` or `None`, *optional*, defaults to `None`):
-            Classifier-free guidance scale of the validation images; `None` keeps the pipeline's default.
+    TRL's fields name the data: `dataset_name`, `dataset_config`, `dataset_train_split`, `dataset_test_split`...
+
+    Args:
+        validation_prompts: Prompts to generate images for with the policy every `validation_steps` optimizer steps and
+            at the end of training. The images are logged to the trackers, saved under `output_dir/images/` and shown
+            as widget images in the model card. Defaults to `None`.
+        validation_steps: Generate validation images every this many steps; `0` only at the end of training. Defaults
+            to `0`.
+        validation_inference_steps: Denoising steps of each validation image. Defaults to `25`.
+        validation_guidance_scale: Classifier-free guidance scale of the validation images; `None` keeps the pipeline's
+            default. Defaults to `None`.
     """
 
     validation_prompts: list[str] | None = field(

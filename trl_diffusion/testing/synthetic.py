@@ -1,14 +1,14 @@
 """A synthetic text-to-image preference task with known true rewards, small enough to train on a CPU.
 
-Images are 16-pixel pictures of one square on a dark, grey background. The caption names the square's hue
-(``"a teal square"``); every other property is drawn at random, independently of the caption and of each other: the
-square's saturation, brightness, size and position, the background's brightness and the amount of pixel noise
-(texture). A tiny Stable Diffusion model pre-trained on these images follows its prompt loosely and reproduces that
-spread, so a preference for any simple image property can be learned from pairs it generates itself, labelled by a
-true reward that no prompt mentions (as the MaPO paper built Pick-Style). [`REWARDS`] names the rule-based rewards this
-module offers; [`self_generated_pairs`] takes any ``scorer(images, prompts) -> scores``; [`train_on_task`] trains
-a method on them with the task's settings. The demo (`make demo`) and the efficacy and guard benchmarks
-(`benchmarks/efficacy.py`, `benchmarks/guards.py`) use this module.
+Images are 16-pixel pictures of one square on a dark, grey background. The caption names the square's hue (``"a teal
+square"``); every other property is drawn at random, independently of the caption and of each other: the square's
+saturation, brightness, size and position, the background's brightness and the amount of pixel noise (texture). A tiny
+Stable Diffusion model pre-trained on these images follows its prompt loosely and reproduces that spread, so a
+preference for any simple image property can be learned from pairs it generates itself, labelled by a true reward that
+no prompt mentions (as the MaPO paper built Pick-Style). [`REWARDS`][] names the rule-based rewards this module offers;
+[`self_generated_pairs`][] takes any ``scorer(images, prompts) -> scores``; [`train_on_task`][] trains a method on them
+with the task's settings. The demo (`make demo`) and the efficacy and guard benchmarks (`benchmarks/efficacy.py`,
+`benchmarks/guards.py`) use this module.
 """
 
 import json
@@ -20,12 +20,13 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from peft import LoraConfig
 from PIL import Image
 from transformers import PrinterCallback
 
 from ..data import encode_png
 from ..evaluation import Scorer, generate_paired, saturation_scorer
-from ..trainer import METHODS
+from ..trainer import METHODS, DiffusionPreferenceTrainer
 from .tiny_models import build_tiny_stable_diffusion
 
 
@@ -133,7 +134,7 @@ def square_mask(images: list[Image.Image], threshold: float = 0.1) -> np.ndarray
 
 
 def size_scorer(images: list[Image.Image], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based: the fraction of the image the square covers (see [`square_mask`]), in ``[0, 1]``."""
+    """Rule-based: the fraction of the image the square covers (see [`square_mask`][]), in ``[0, 1]``."""
     return square_mask(images).mean(axis=(1, 2))
 
 
@@ -146,7 +147,7 @@ def texture_scorer(images: list[Image.Image], prompts: list[str] | None = None) 
 
 
 def rightness_scorer(images: list[Image.Image], prompts: list[str] | None = None) -> np.ndarray:
-    """Rule-based: the square's horizontal centre (mean column of [`square_mask`]), ``0`` left to ``1`` right."""
+    """Rule-based: the square's horizontal centre (mean column of [`square_mask`][]), ``0`` left to ``1`` right."""
     mask = square_mask(images)
     columns = np.broadcast_to(np.linspace(0, 1, mask.shape[2]), mask.shape)
     counts = mask.sum(axis=(1, 2))
@@ -314,7 +315,7 @@ def self_generated_pairs(
 
     Columns: ``jpg_0``, ``jpg_1``, ``label_0`` (1 where image 0 has the higher reward), ``caption``, ``reward_0``,
     ``reward_1``, ``user_id`` (one of five simulated annotators, 0–4) and ``flipped`` (all ``False``; see
-    [`flip_labels`]).
+    [`flip_labels`][]).
     """
     if pairing not in ("split", "random"):
         raise ValueError(f"pairing must be 'split' or 'random', got {pairing!r}.")
@@ -421,11 +422,11 @@ def train_on_task(
     max_steps: int,
     learning_rate: float,
     seed: int,
-    peft_config=None,
+    peft_config: LoraConfig | None = None,
     num_logs: int = 10,
     print_logs: bool = True,
     **settings,
-):
+) -> tuple[DiffusionPreferenceTrainer, float]:
     """Train ``method`` (a key of `trl_diffusion.METHODS`) from the base model at ``base_path`` on ``dataset`` with
     the task's settings, and save the result (the LoRA adapter with ``peft_config``, else the model) to
     ``output_dir``.

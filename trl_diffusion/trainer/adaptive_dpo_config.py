@@ -5,47 +5,40 @@ from .base_config import DiffusionPreferenceConfig
 
 @dataclass
 class AdaptiveDPOConfig(DiffusionPreferenceConfig):
-    r"""
-    Configuration class for the [`AdaptiveDPOTrainer`] (minority-aware Adaptive-DPO, arXiv 2503.16921).
+    """Configuration class for the [`AdaptiveDPOTrainer`][] (minority-aware Adaptive-DPO, arXiv 2503.16921).
 
-    Only the parameters specific to Adaptive-DPO are listed here; see [`DiffusionPreferenceConfig`] for the data and
-    step options and [`~transformers.TrainingArguments`] for the rest.
+    Only the parameters specific to Adaptive-DPO are listed here; see [`DiffusionPreferenceConfig`][] for the data and
+    step options and `transformers.TrainingArguments` for the rest.
 
-    Parameters:
-        beta (`float`, *optional*, defaults to `1000.0`):
-            KL-regularisation strength, on the same scale as [`DiffusionDPOConfig.beta`] (the authors' setting).
-        rho (`float`, *optional*):
-            Scale ρ of the annotator margins inside the minority score. Defaults to `15` with normalised margins (the
+    Args:
+        beta: KL-regularisation strength, on the same scale as `DiffusionDPOConfig.beta` (the authors' setting).
+            Defaults to `1000.0`.
+        rho: Scale ρ of the annotator margins inside the minority score. Defaults to `15` with normalised margins (the
             authors' setting with EMA annotators) and `1e4` with raw ones (their `logits_rho` default, which their
             policy-only path uses).
-        normalize_margins (`bool`, *optional*):
-            Divide each annotator's margins by their L2 norm over the batch before scaling by ρ. Defaults to the
-            authors' choice: on with EMA annotators, off (raw margins) when the policy judges alone.
-        annotator_ema_decays (`list[float]`, *optional*, defaults to `[0.5, 0.9999]`):
-            Decays `d` of the EMA copies of the policy that judge each pair beside the policy itself, on the
-            authors' schedule (diffusers `EMAModel`'s defaults): the first update after an optimizer step copies the
-            policy, update `s + 1` (`s ≥ 1`) uses decay `min(d, (1 + s)/(10 + s))`. With LoRA each is an extra
+        normalize_margins: Divide each annotator's margins by their L2 norm over the batch before scaling by ρ.
+            Defaults to the authors' choice: on with EMA annotators, off (raw margins) when the policy judges alone.
+        annotator_ema_decays: Decays `d` of the EMA copies of the policy that judge each pair beside the policy itself,
+            on the authors' schedule (diffusers `EMAModel`'s defaults): the first update after an optimizer step copies
+            the policy, update `s + 1` (`s ≥ 1`) uses decay `min(d, (1 + s)/(10 + s))`. With LoRA each is an extra
             adapter on the same network (one no-grad forward each, almost no memory); with full fine-tuning each is a
-            full copy of the denoiser. Empty: the policy alone judges, and `u = 1 − σ(ρ·ℓ)`.
-        minority_warmup_steps (`int`, *optional*, defaults to `2`):
-            Optimizer steps during which `u = 0` (plain DPO), while the EMA annotators settle. Only with EMA
-            annotators: the policy alone scores pairs from the first step, as in the authors' code.
-        weight_type (`str`, *optional*, defaults to `"linear"`):
-            Pair weight `w = 1/(k·u + c)` (`"linear"`) or `1/(k·u² + c)` (`"quadratic"`).
-        weight_scale (`float`, *optional*, defaults to `10.0`):
-            `k` of the pair weight.
-        weight_offset (`float`, *optional*, defaults to `1.0`):
-            `c` of the pair weight.
-        margin_type (`str`, *optional*, defaults to `"quadratic"`):
-            Adaptive margin `γ = −u²/β + mean(ℓ)` (`"quadratic"`), `−u/β + mean(ℓ)` (`"linear"`) or `0` (`"none"`).
-        flip_minority_labels (`bool`, *optional*, defaults to `False`):
-            Beyond the paper: treat pairs with `u > minority_flip_threshold` as mislabelled and negate their margin,
-            so the loss pulls towards the other image. Only for data known to hold flipped labels.
-        minority_flip_threshold (`float`, *optional*, defaults to `0.5`):
-            Minority score above which `flip_minority_labels` flips a pair.
-        save_minority_scores (`bool`, *optional*, defaults to `False`):
-            Append each training pair's `u` with its dataset row index and step to
-            `output_dir/minority_scores.csv`, to inspect which pairs were judged minority.
+            full copy of the denoiser. Empty: the policy alone judges, and `u = 1 − σ(ρ·ℓ)`. Defaults to
+            `[0.5, 0.9999]`.
+        minority_warmup_steps: Optimizer steps during which `u = 0` (plain DPO), while the EMA annotators settle. Only
+            with EMA annotators: the policy alone scores pairs from the first step, as in the authors' code. Defaults
+            to `2`.
+        weight_type: Pair weight `w = 1/(k·u + c)` (`"linear"`) or `1/(k·u² + c)` (`"quadratic"`). Defaults to
+            `"linear"`.
+        weight_scale: `k` of the pair weight. Defaults to `10.0`.
+        weight_offset: `c` of the pair weight. Defaults to `1.0`.
+        margin_type: Adaptive margin `γ = −u²/β + mean(ℓ)` (`"quadratic"`), `−u/β + mean(ℓ)` (`"linear"`) or `0`
+            (`"none"`). Defaults to `"quadratic"`.
+        flip_minority_labels: Beyond the paper: treat pairs with `u > minority_flip_threshold` as mislabelled and
+            negate their margin, so the loss pulls towards the other image. Only for data known to hold flipped labels.
+            Defaults to `False`.
+        minority_flip_threshold: Minority score above which `flip_minority_labels` flips a pair. Defaults to `0.5`.
+        save_minority_scores: Append each training pair's `u` with its dataset row index and step to
+            `output_dir/minority_scores.csv`, to inspect which pairs were judged minority. Defaults to `False`.
     """
 
     beta: float = field(default=1000.0, metadata={"help": "KL strength, on the Diffusion-DPO scale."})

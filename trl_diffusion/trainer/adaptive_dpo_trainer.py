@@ -4,16 +4,11 @@ import textwrap
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import TrainerCallback, TrainerState
+from transformers import TrainerState
 from transformers.utils import logging
 
-from ..losses import (
-    adaptive_dpo_loss,
-    annotator_ema_decay,
-    dpo_reward_metrics,
-    implicit_reward_margin,
-    minority_score_terms,
-)
+from ..callbacks import AnnotatorEMACallback
+from ..losses import adaptive_dpo_loss_from_errors, annotator_ema_decay, minority_warmup
 from .adaptive_dpo_config import AdaptiveDPOConfig
 from .base_trainer import DiffusionPreferenceTrainer
 from .distributed import gathered_parameters, prepare_frozen_model
@@ -26,42 +21,21 @@ NUM_UPDATES_KEY = "num_updates"
 logger = logging.get_logger(__name__)
 
 
-class _AnnotatorEMACallback(TrainerCallback):
-    """Update the EMA annotators after every optimizer step."""
-
-    def __init__(self, trainer: "AdaptiveDPOTrainer"):
-        self.trainer = trainer
-
-    def on_train_begin(self, args, state, control, **kwargs):
-        # FSDP (and DeepSpeed) replace the policy's parameters when `train()` prepares the model: pair them anew.
-        trainer = self.trainer
-        trainer._annotator_pairs = trainer._pair_annotator_parameters(trainer.accelerator.unwrap_model(trainer.model))
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.update_annotators()
-
-    def on_log(self, args, state, control, **kwargs):
-        self.trainer.flush_minority_scores()
-
-    def on_train_end(self, args, state, control, **kwargs):
-        self.trainer.flush_minority_scores()
-
-
 class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
     """Trainer for minority-aware Adaptive-DPO (arXiv 2503.16921, "When Preferences Diverge").
 
     A Diffusion-DPO loss that weights each pair by how reliable its label looks. Annotators (the policy and EMA copies
     of it, `annotator_ema_decays`) each judge a pair by their implicit reward margin; their agreement gives a minority
-    score ``u`` per pair (see [`minority_scores`]), and the loss
-    ``L = −mean(w·log σ(β·ℓ − γ))`` down-weights pairs with a high ``u`` (see [`adaptive_dpo_loss`]).
+    score ``u`` per pair (see [`minority_scores`][]), and the loss
+    ``L = −mean(w·log σ(β·ℓ − γ))`` down-weights pairs with a high ``u`` (see [`adaptive_dpo_loss`][]).
 
-    The EMA annotators follow the authors' schedule (diffusers `EMAModel`, see [`annotator_ema_decay`]): the first
+    The EMA annotators follow the authors' schedule (diffusers `EMAModel`, see [`annotator_ema_decay`][]): the first
     update after an optimizer step makes each a copy of the policy, later ones average with decay
     ``min(d, (1 + s)/(10 + s))``. With LoRA each EMA annotator is an extra adapter on the same network, updated after
     every optimizer step: one no-grad forward each and almost no memory. With full fine-tuning each is a full copy of
     the denoiser in float32 (4 bytes per parameter each: 3.4 GB per annotator for an SD1.5 UNet).
 
-    See [`DiffusionPreferenceTrainer`] for the arguments.
+    See [`DiffusionPreferenceTrainer`][] for the arguments.
     """
 
     _tag_names = ["trl", "trl-diffusion", "adaptive-dpo"]
@@ -98,18 +72,19 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
                 copy.load_state_dict(denoiser.state_dict())
                 # Placed like the reference: replicated under DDP and ZeRO-1/2, sharded under ZeRO-3 and FSDP.
                 self.ema_annotators.append(prepare_frozen_model(copy.requires_grad_(False).eval(), self.accelerator))
-        self._annotator_pairs = self._pair_annotator_parameters(denoiser)
+        self.pair_annotators(denoiser)
         if self.is_peft:
             with torch.no_grad():
-                for policy_params, annotator_params, _ in self._annotator_pairs:
+                for policy_params, annotator_params, _ in self.annotator_pairs:
                     for target, source in zip(annotator_params, policy_params, strict=True):
                         target.data = source.detach().float().clone()
         self.annotator_updates = 0  # EMAModel's `optimization_step`: updates so far, saved with the annotators
-        self.add_callback(_AnnotatorEMACallback(self))
+        self.add_callback(AnnotatorEMACallback(self))
         self._minority_rows: list[torch.Tensor] = []
 
-    def _pair_annotator_parameters(self, denoiser):
-        """``(policy parameters, annotator parameters, decay)`` for each EMA annotator, in matching order."""
+    def pair_annotators(self, denoiser: torch.nn.Module) -> None:
+        """Set ``annotator_pairs``: ``(policy parameters, annotator parameters, decay)`` for each EMA annotator, in
+        matching order. Called again when training begins: FSDP and DeepSpeed replace the policy's parameters."""
         pairs = []
         if self.is_peft:
             named = dict(denoiser.named_parameters())
@@ -121,16 +96,16 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
             policy = [p for p in denoiser.parameters()]
             for annotator, decay in zip(self.ema_annotators, self.args.annotator_ema_decays, strict=True):
                 pairs.append((policy, list(annotator.parameters()), decay))
-        return pairs
+        self.annotator_pairs: list[tuple[list[torch.nn.Parameter], list[torch.nn.Parameter], float]] = pairs
 
     @torch.no_grad()
     def update_annotators(self):
         """``θ_ema ← d_s·θ_ema + (1 − d_s)·θ`` for every annotator after an optimizer step, ``d_s`` on the authors'
-        schedule ([`annotator_ema_decay`]: 0 at the first update, so the annotator becomes a copy of the policy)."""
+        schedule ([`annotator_ema_decay`][]: 0 at the first update, so the annotator becomes a copy of the policy)."""
         self.annotator_updates += 1
         # ZeRO-3 partitions parameters: gather them whole for the update (rank 0's result is re-partitioned).
         with gathered_parameters(self.model, *self.ema_annotators, accelerator=self.accelerator):
-            for policy_params, annotator_params, decay in self._annotator_pairs:
+            for policy_params, annotator_params, decay in self.annotator_pairs:
                 sources = [p.detach().to(a.dtype) for p, a in zip(policy_params, annotator_params, strict=True)]
                 current = annotator_ema_decay(decay, self.annotator_updates)
                 if current == 0.0:
@@ -155,40 +130,24 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
 
     def preference_loss(self, step, policy_errors):
         args = self.args
-        policy_chosen, policy_rejected = policy_errors.chunk(2)
-        ref_chosen, ref_rejected = step.ref_errors.chunk(2)
-        margins = implicit_reward_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
-        annotator_margins = [margins.detach()]
-        for errors in step.auxiliary_errors.values():
-            chosen, rejected = errors.chunk(2)
-            annotator_margins.append(implicit_reward_margin(chosen, rejected, ref_chosen, ref_rejected))
-        # The authors' warm-up lets the EMA annotators settle; without them the policy scores pairs from the start.
-        in_warmup = bool(self.annotator_names) and self.state.global_step < args.minority_warmup_steps
-        terms = minority_score_terms(
-            torch.stack(annotator_margins),
+        warmup = minority_warmup(self.state.global_step, args.minority_warmup_steps, len(self.annotator_names))
+        loss, metrics = adaptive_dpo_loss_from_errors(
+            policy_errors,
+            step.ref_errors,
+            step.auxiliary_errors,
+            beta=args.beta,
             rho=args.rho,
             normalize=args.normalize_margins,
             prior_confidence=step.inputs.get("confidence"),
-            warmup=step.mode == "train" and in_warmup,
-        )
-        u = terms["u"]
-        loss, metrics = adaptive_dpo_loss(
-            margins,
-            u,
-            beta=args.beta,
+            warmup=step.mode == "train" and warmup,
             weight_type=args.weight_type,
             k=args.weight_scale,
             c=args.weight_offset,
             margin_type=args.margin_type,
             flip_threshold=args.minority_flip_threshold if args.flip_minority_labels else None,
         )
-        metrics["adaptive/confidence_mean"] = terms["confidence"]
-        if "stability" in terms:
-            metrics["adaptive/stability_mean"] = terms["stability"]
-        for name, norm in zip(["policy", *self.annotator_names], terms["margin_norms"], strict=True):
-            metrics[f"adaptive/margin_norm/{name}"] = norm.expand_as(u)  # one value per batch, averaged when logged
-        metrics.update(dpo_reward_metrics(policy_chosen, policy_rejected, ref_chosen, ref_rejected, args.beta))
         if args.save_minority_scores and step.mode == "train":
+            u = metrics["adaptive/u_mean"]
             rows = step.inputs["row_index"].to(u.device, torch.float64)
             step_column = torch.full_like(rows, self.state.global_step)
             self._minority_rows.append(torch.stack([step_column, rows, u.double()], dim=1))
@@ -214,7 +173,7 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
     def _annotator_state_dict(self) -> dict[str, torch.Tensor]:
         state = {
             f"{name}.{i}": parameter.detach().contiguous()
-            for name, (_, annotator_params, _) in zip(self.annotator_names, self._annotator_pairs, strict=True)
+            for name, (_, annotator_params, _) in zip(self.annotator_names, self.annotator_pairs, strict=True)
             for i, parameter in enumerate(annotator_params)
         }
         state[NUM_UPDATES_KEY] = torch.tensor(self.annotator_updates, dtype=torch.int64)
@@ -231,7 +190,7 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
             return
         saved = load_file(path)
         with torch.no_grad():
-            for name, (_, annotator_params, _) in zip(self.annotator_names, self._annotator_pairs, strict=True):
+            for name, (_, annotator_params, _) in zip(self.annotator_names, self.annotator_pairs, strict=True):
                 for i, parameter in enumerate(annotator_params):
                     parameter.copy_(saved[f"{name}.{i}"])
         if NUM_UPDATES_KEY in saved:

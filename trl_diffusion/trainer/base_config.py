@@ -4,6 +4,8 @@ from dataclasses import dataclass, field
 import torch
 from trl.trainer.base_config import _BaseConfig
 
+from ..image_urls import ImageURLOptions
+
 
 # Densities of the flow-matching noise level, and weightings of the velocity error (see `models/flow_matching.py`)
 FLOW_TIMESTEP_DENSITIES = ("uniform", "logit_normal", "mode")
@@ -18,171 +20,157 @@ def _bf16_accelerator_available() -> bool:
 
 @dataclass
 class DiffusionPreferenceConfig(_BaseConfig):
-    r"""
-    Fields shared by every trl_diffusion trainer: data preparation, augmentation and training-step options.
+    """Fields shared by every trl_diffusion trainer: data preparation, augmentation and training-step options.
 
     It subclasses TRL's own base configuration (TRL's defaults: `logging_steps=10`, bf16 unless `fp16` is set), which
-    subclasses [`~transformers.TrainingArguments`]. Only the defaults that differ for diffusion training are changed.
+    subclasses `transformers.TrainingArguments`. Only the defaults that differ for diffusion training are changed.
 
-    Parameters:
-        resolution (`int`, *optional*, defaults to `512`):
-            Side of the square training images. Each image's shorter side is resized to it, then it is cropped.
-        random_crop (`bool`, *optional*, defaults to `False`):
-            Crop each pair at one random offset (the same for both images) instead of the centre.
-        random_flip (`bool`, *optional*, defaults to `False`):
-            Flip each pair horizontally (both images together) with probability 1/2.
-        drop_ties (`bool`, *optional*, defaults to `True`):
-            Drop pairs labelled as ties (`label_0 == 0.5`); the count is logged. A pairwise loss needs a winner, so
-            `False` is rejected with an error rather than silently treated as a preference.
-        skip_invalid_rows (`bool`, *optional*, defaults to `False`):
-            Skip rows with an unreadable image, a missing caption or a bad label, and log their count. By default
-            such a row raises a `ValueError` that names its index and column.
-        caption_column (`str`, *optional*, defaults to `"caption"`):
-            Prompt column of a Pick-a-Pic-style dataset. TRL-style datasets use `prompt`.
-        image_columns (`list[str]`, *optional*, defaults to `["jpg_0", "jpg_1"]`):
-            The two image columns of a Pick-a-Pic-style dataset. TRL-style datasets use `chosen` and `rejected`.
-        label_column (`str`, *optional*, defaults to `"label_0"`):
-            Label column: 1 if the first image is preferred, 0 if the second is, 0.5 for a tie.
-        confidence_column (`str` or `None`, *optional*, defaults to `None`):
-            Optional column of per-pair prior confidence in `[0, 1]` (for example the agreement rate of several
-            annotators), used by methods that weight pairs (Adaptive-DPO).
-        proportion_empty_prompts (`float`, *optional*, defaults to `0.0`):
-            Fraction of pairs whose prompt is replaced by the empty prompt (caption dropout, for classifier-free
-            guidance). The prompt is dropped for both images of a pair, never one.
-        vae_encode_batch_size (`int`, *optional*, defaults to `8`):
-            Images the VAE encodes at once; lower it to save memory at large resolutions.
-        timestep_buckets (`int`, *optional*, defaults to `4`):
-            Number of equal timestep ranges over which the preference accuracy is also logged.
-        skip_nonfinite_steps (`int`, *optional*, defaults to `0`):
-            Optimizer steps with a non-finite loss, error or gradient that may be skipped (the update is dropped,
-            and `nonfinite/skipped_steps` is logged) before training stops with a `NonFiniteError`. `0` stops at
-            the first one. The logged loss is the mean over the finite micro-batches (`nan` if none). The fp16
-            `GradScaler`'s own overflow skips are not counted.
-        activation_checkpointing (`bool`, *optional*, defaults to `False`):
-            Enable the denoiser's own gradient checkpointing (`enable_gradient_checkpointing()`), trading compute
-            for memory. `gradient_checkpointing` is accepted as an alias, as in transformers.
-        learning_rate (`float`, *optional*, defaults to `1e-5`):
-            Initial AdamW learning rate; the default suits LoRA. Full fine-tuning usually wants 1e-7 to 1e-6.
-        dataloader_num_workers (`int`, *optional*, defaults to `2`):
-            Data-loader worker processes; images are decoded and transformed there, off the training process.
-        remove_unused_columns (`bool`, *optional*, defaults to `False`):
-            Kept `False`: the trainers select their columns themselves.
-        adapter_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            Train on top of an existing LoRA: a folder or Hub id in a LoRA format the pipeline's `load_lora_weights`
-            reads. The policy starts from it (with its own rank and target modules) and the saved adapter is the
-            trained version of it. LoRA training only; no copy of the denoiser is made (see `docs/training.md`).
-        reference (`str`, *optional*, defaults to `"base+adapter"`):
-            With `adapter_name_or_path`: the reference is the base plus that LoRA, frozen (`"base+adapter"`, held as a
-            second, frozen adapter), or the base alone (`"base"`, the adapters disabled).
-        collapse_warning_accuracy (`float` or `None`, *optional*, defaults to `0.95`):
-            Warn once (in the logs) when `rewards/chosen` falls below zero while the preference accuracy is at least
-            this: a sign of a collapsing run (see `docs/guards.md`). `None` turns the check off.
-        collapse_warning_error_ratio (`float` or `None`, *optional*, defaults to `1.25`):
-            Warn once when the policy's error on the chosen images exceeds the reference's by this factor
-            (`mse/policy_chosen > ratio · mse/ref_chosen`). `None` turns the check off.
+    The parameters come in groups: data and training step; model-family options (see `docs/supported_models.md`);
+    video families (see `docs/data.md`); speed and memory (see `docs/performance.md`); saving (see
+    `docs/training.md`).
 
-        > Model-family options (see `docs/supported_models.md`)
+    Args:
+        resolution: Side of the square training images. Each image's shorter side is resized to it, then it is cropped.
+            Defaults to `512`.
+        random_crop: Crop each pair at one random offset (the same for both images) instead of the centre. Defaults to
+            `False`.
+        random_flip: Flip each pair horizontally (both images together) with probability 1/2. Defaults to `False`.
+        drop_ties: Drop pairs labelled as ties (`label_0 == 0.5`); the count is logged. A pairwise loss needs a winner,
+            so `False` is rejected with an error rather than silently treated as a preference. Defaults to `True`.
+        skip_invalid_rows: Skip rows with an unreadable image, a missing caption or a bad label, and log their count.
+            By default such a row raises a `ValueError` that names its index and column. Defaults to `False`.
+        caption_column: Prompt column of a Pick-a-Pic-style dataset. TRL-style datasets use `prompt`. Defaults to
+            `"caption"`.
+        image_columns: The two image columns of a Pick-a-Pic-style dataset. TRL-style datasets use `chosen` and
+            `rejected`. Defaults to `["jpg_0", "jpg_1"]`.
+        label_column: Label column: 1 if the first image is preferred, 0 if the second is, 0.5 for a tie. Defaults to
+            `"label_0"`.
+        confidence_column: Optional column of per-pair prior confidence in `[0, 1]` (for example the agreement rate of
+            several annotators), used by methods that weight pairs (Adaptive-DPO). Defaults to `None`.
+        image_url_timeout: Image cells holding http(s) URLs are fetched in the data-loader workers: seconds each
+            attempt may wait for the connection and for each read (see `docs/data.md`). Defaults to `10.0`.
+        image_url_retries: Attempts after the first for an image URL that fails (a timeout, a refused connection, a
+            5xx status); a 404, 410, 400, 401 or 403 fails at once. Defaults to `3`.
+        image_url_backoff: Seconds before the first retry of an image URL; each further retry waits twice as long.
+            Defaults to `1.0`.
+        skip_unreachable_urls: Skip a pair whose image URL is still unreachable after the retries (logged with its
+            row and column, and counted in `data/skipped_rows`) instead of raising an error that names them;
+            `skip_invalid_rows` skips such pairs too. Defaults to `False`.
+        proportion_empty_prompts: Fraction of pairs whose prompt is replaced by the empty prompt (caption dropout, for
+            classifier-free guidance). The prompt is dropped for both images of a pair, never one. Defaults to `0.0`.
+        vae_encode_batch_size: Images the VAE encodes at once; lower it to save memory at large resolutions. Defaults
+            to `8`.
+        timestep_buckets: Number of equal timestep ranges over which the preference accuracy is also logged. Defaults
+            to `4`.
+        skip_nonfinite_steps: Optimizer steps with a non-finite loss, error or gradient that may be skipped (the update
+            is dropped, and `nonfinite/skipped_steps` is logged) before training stops with a `NonFiniteError`. `0`
+            stops at the first one. The logged loss is the mean over the finite micro-batches (`nan` if none). The fp16
+            `GradScaler`'s own overflow skips are not counted. Defaults to `0`.
+        gradient_checkpointing: Enable the denoiser's own gradient checkpointing (`enable_gradient_checkpointing()`),
+            trading compute for memory: an alias of transformers' `activation_checkpointing`, which does the same. Both
+            default to off (TRL turns it on; a diffusion denoiser trains without it unless memory is short). Defaults
+            to `None` (off).
+        learning_rate: Initial AdamW learning rate; the default suits LoRA. Full fine-tuning usually wants 1e-7 to
+            1e-6. Defaults to `1e-5`.
+        dataloader_num_workers: Data-loader worker processes; images are decoded and transformed there, off the
+            training process. Defaults to `2`.
+        remove_unused_columns: Kept `False`: the trainers select their columns themselves. Defaults to `False`.
+        adapter_name_or_path: Train on top of an existing LoRA: a folder or Hub id in a LoRA format the pipeline's
+            `load_lora_weights` reads. The policy starts from it (with its own rank and target modules) and the saved
+            adapter is the trained version of it. LoRA training only; no copy of the denoiser is made (see
+            `docs/training.md`). Defaults to `None`.
+        reference: With `adapter_name_or_path`: the reference is the base plus that LoRA, frozen (`"base+adapter"`,
+            held as a second, frozen adapter), or the base alone (`"base"`, the adapters disabled). Defaults to
+            `"base+adapter"`.
+        collapse_warning_accuracy: Warn once (in the logs) when `rewards/chosen` falls below zero while the preference
+            accuracy is at least this: a sign of a collapsing run (see `docs/guards.md`). `None` turns the check off.
+            Defaults to `0.95`.
+        collapse_warning_error_ratio: Warn once when the policy's error on the chosen images exceeds the reference's by
+            this factor (`mse/policy_chosen > ratio · mse/ref_chosen`). `None` turns the check off. Defaults to `1.25`.
 
-        pretrained_vae_model_name_or_path (`str` or `None`, *optional*, defaults to `None`):
-            SDXL: a VAE folder or Hub id that replaces the pipeline's VAE, such as the fp16-fix VAE
-            `madebyollin/sdxl-vae-fp16-fix` (a folder with a `vae` subfolder also works).
-        upcast_vae (`bool` or `None`, *optional*, defaults to `None`):
-            SDXL: run the frozen VAE in float32 whatever the mixed precision, since SDXL's own VAE overflows in
+    Args: Model-family options:
+        pretrained_vae_model_name_or_path: SDXL: a VAE folder or Hub id that replaces the pipeline's VAE, such as the
+            fp16-fix VAE `madebyollin/sdxl-vae-fp16-fix` (a folder with a `vae` subfolder also works). Defaults to
+            `None`.
+        upcast_vae: SDXL: run the frozen VAE in float32 whatever the mixed precision, since SDXL's own VAE overflows in
             float16. `None` means `True` for the pipeline's own VAE and `False` (the compute dtype) when
-            `pretrained_vae_model_name_or_path` is given.
-        weighting_scheme (`str`, *optional*, defaults to `"logit_normal"`):
-            Flow matching (SD3, Flux): density of the training noise level `σ`, as in the diffusers SD3/Flux
-            training examples: `"uniform"`, `"logit_normal"` (`σ = sigmoid(n)`, `n ~ N(logit_mean, logit_std²)`) or
-            `"mode"` (`σ = 1 − u − mode_scale·(cos²(πu/2) − 1 + u)`). The scheduler's static `shift` is applied
-            afterwards, as the examples do through `scheduler.timesteps`.
-        logit_mean (`float`, *optional*, defaults to `0.0`):
-            Mean of the `"logit_normal"` density.
-        logit_std (`float`, *optional*, defaults to `1.0`):
-            Standard deviation of the `"logit_normal"` density.
-        mode_scale (`float`, *optional*, defaults to `1.29`):
-            Scale of the `"mode"` density (SD3 paper, Eq. 20); it must lie in `[-1, 2/(π − 2)]`.
-        flow_loss_weighting (`str`, *optional*, defaults to `"none"`):
-            Flow matching: weight of each velocity error, as the diffusers examples offer it: `"none"`,
-            `"sigma_sqrt"` (`σ⁻²`) or `"cosmap"` (`2 / (π·(1 − 2σ + 2σ²))`).
-        epsilon_equivalent_errors (`bool`, *optional*, defaults to `False`):
-            Flow matching: multiply each velocity error by `(1 − σ)²`, which makes it the error of the noise `ε`
-            implied by the velocity prediction (`ε̂ − ε = (1 − σ)·(v̂ − v)`). Errors are then on the scale of the
-            ε-prediction families, and so is `beta`.
-        max_sequence_length (`int` or `None`, *optional*, defaults to `None`):
-            SD3, Flux: tokens of the T5 prompt embedding. `None` takes the pipeline's default (SD3 256, Flux 512),
-            capped at the T5 tokenizer's `model_max_length`. Flux.2, Qwen-Image, Z-Image: tokens of the chat-formatted
-            prompt (default 512), the fixed length of the embeddings (padding is masked where the model has a mask).
-        guidance_scale (`float`, *optional*, defaults to `3.5`):
-            Flux, Flux.2, Qwen-Image: value fed to the guidance embedding of guidance-distilled transformers
-            (`guidance_embeds`, such as FLUX.1 dev and FLUX.2 dev) during training, as the diffusers Flux training
-            example does. Unused otherwise.
-        resolution_shift (`bool` or `None`, *optional*, defaults to `None`):
-            Flow matching with a scheduler that shifts its noise levels by image size (`use_dynamic_shifting`):
-            shift the training `σ` with the pipeline's `μ` for `resolution`, as the pipeline does at inference.
-            `None`: the family's default (on for Flux.2 and Qwen-Image, off for Flux.1 as in the diffusers
-            example). `True` is an error for a scheduler with a static shift (SD3, Z-Image).
+            `pretrained_vae_model_name_or_path` is given. Defaults to `None`.
+        weighting_scheme: Flow matching (SD3, Flux): density of the training noise level `σ`, as in the diffusers
+            SD3/Flux training examples: `"uniform"`, `"logit_normal"` (`σ = sigmoid(n)`,
+            `n ~ N(logit_mean, logit_std²)`) or `"mode"` (`σ = 1 − u − mode_scale·(cos²(πu/2) − 1 + u)`). The
+            scheduler's static `shift` is applied afterwards, as the examples do through `scheduler.timesteps`.
+            Defaults to `"logit_normal"`.
+        logit_mean: Mean of the `"logit_normal"` density. Defaults to `0.0`.
+        logit_std: Standard deviation of the `"logit_normal"` density. Defaults to `1.0`.
+        mode_scale: Scale of the `"mode"` density (SD3 paper, Eq. 20); it must lie in `[-1, 2/(π − 2)]`. Defaults to
+            `1.29`.
+        flow_loss_weighting: Flow matching: weight of each velocity error, as the diffusers examples offer it:
+            `"none"`, `"sigma_sqrt"` (`σ⁻²`) or `"cosmap"` (`2 / (π·(1 − 2σ + 2σ²))`). Defaults to `"none"`.
+        epsilon_equivalent_errors: Flow matching: multiply each velocity error by `(1 − σ)²`, which makes it the error
+            of the noise `ε` implied by the velocity prediction (`ε̂ − ε = (1 − σ)·(v̂ − v)`). Errors are then on the
+            scale of the ε-prediction families, and so is `beta`. Defaults to `False`.
+        max_sequence_length: SD3, Flux: tokens of the T5 prompt embedding. `None` takes the pipeline's default (SD3
+            256, Flux 512), capped at the T5 tokenizer's `model_max_length`. Flux.2, Qwen-Image, Z-Image: tokens of the
+            chat-formatted prompt (default 512), the fixed length of the embeddings (padding is masked where the model
+            has a mask). Defaults to `None`.
+        guidance_scale: Flux, Flux.2, Qwen-Image: value fed to the guidance embedding of guidance-distilled
+            transformers (`guidance_embeds`, such as FLUX.1 dev and FLUX.2 dev) during training, as the diffusers Flux
+            training example does. Unused otherwise. Defaults to `3.5`.
+        resolution_shift: Flow matching with a scheduler that shifts its noise levels by image size
+            (`use_dynamic_shifting`): shift the training `σ` with the pipeline's `μ` for `resolution`, as the pipeline
+            does at inference. `None`: the family's default (on for Flux.2 and Qwen-Image, off for Flux.1 as in the
+            diffusers example). `True` is an error for a scheduler with a static shift (SD3, Z-Image). Defaults to
+            `None`.
 
-        > Video families (Wan; see `docs/data.md`)
+    Args: Video families (Wan):
+        num_frames: Frames of each training clip. `None` takes the family's default (Wan: 81, i.e. 5 s at 16 fps); Wan
+            needs `4k + 1`. Defaults to `None`.
+        frame_stride: Take every `frame_stride`-th frame of the source video, so a clip spans
+            `(num_frames − 1)·stride + 1` source frames. A video shorter than that raises an error naming its row and
+            column. Defaults to `1`.
+        temporal_crop: Where each pair's clip starts, at the same relative position in both videos: `"start"` (the
+            first frames; only they are decoded), `"center"`, or `"random"` (one random position per pair and epoch;
+            like `random_crop` it turns the encoding cache off). Defaults to `"start"`.
+        video_columns: The two video columns of a Pick-a-Pic-style video dataset (TRL-style datasets use `chosen` and
+            `rejected`). Each cell is encoded video bytes (mp4, webm...), a video file path, a folder of frame images,
+            a list of frames or a `datasets.Video` value. Defaults to `["video_0", "video_1"]`.
+        video_size: `[height, width]` of the training frames (Wan 2.1 480p: `[480, 832]`). `None`: `resolution`
+            squared. Defaults to `None`.
 
-        num_frames (`int` or `None`, *optional*, defaults to `None`):
-            Frames of each training clip. `None` takes the family's default (Wan: 81, i.e. 5 s at 16 fps); Wan
-            needs `4k + 1`.
-        frame_stride (`int`, *optional*, defaults to `1`):
-            Take every `frame_stride`-th frame of the source video, so a clip spans `(num_frames − 1)·stride + 1`
-            source frames. A video shorter than that raises an error naming its row and column.
-        temporal_crop (`str`, *optional*, defaults to `"start"`):
-            Where each pair's clip starts, at the same relative position in both videos: `"start"` (the first
-            frames; only they are decoded), `"center"`, or `"random"` (one random position per pair and epoch; like
-            `random_crop` it turns the encoding cache off).
-        video_columns (`list[str]`, *optional*, defaults to `["video_0", "video_1"]`):
-            The two video columns of a Pick-a-Pic-style video dataset (TRL-style datasets use `chosen` and
-            `rejected`). Each cell is encoded video bytes (mp4, webm...), a video file path, a folder of frame
-            images, a list of frames or a `datasets.Video` value.
-        video_size (`list[int]` or `None`, *optional*, defaults to `None`):
-            `[height, width]` of the training frames (Wan 2.1 480p: `[480, 832]`). `None`: `resolution` squared.
-
-        > Speed and memory (see `docs/performance.md`)
-
-        precompute_encodings (`bool` or `None`, *optional*, defaults to `None`):
-            Encode every pair's images (VAE latents) and prompt (the family's prompt embeddings) once, before
-            training, with `datasets.map`, and train from that cache: no VAE or text encoder runs during training,
-            and a rerun on the same data and model reuses the cache. `None` means on whenever the encodings are a
-            function of the pair alone, i.e. unless `random_crop` is set (random crops stay on the per-step path;
+    Args: Speed and memory:
+        precompute_encodings: Encode every pair's images (VAE latents) and prompt (the family's prompt embeddings)
+            once, before training, with `datasets.map`, and train from that cache: no VAE or text encoder runs during
+            training, and a rerun on the same data and model reuses the cache. `None` means on whenever the encodings
+            are a function of the pair alone, i.e. unless `random_crop` is set (random crops stay on the per-step path;
             setting both is an error). With `random_flip` both flips are cached (twice the latent storage) and each
-            step picks one per pair.
-        encodings_cache_dir (`str` or `None`, *optional*, defaults to `None`):
-            Folder of the encoding cache files. `None`: beside the dataset's own cache files (a dataset from
-            `load_dataset`), or `<HF_DATASETS_CACHE>/trl_diffusion_encodings` for an in-memory dataset.
-        precompute_ref_errors (`bool`, *optional*, defaults to `False`):
-            Methods with a reference (Diffusion-DPO, Adaptive-DPO): compute the reference's errors of every pair in
-            one no-grad pass before training, store them in the encoding cache, and release the reference model, so
-            full fine-tuning holds no reference in memory during training. Each pair's noise, timestep, flip and
-            caption dropout are then fixed for the whole run (drawn with `pair_seed(seed, 0, row)`), where they
-            otherwise change every step. Needs the encoding cache.
-        channels_last (`bool`, *optional*, defaults to `False`):
-            Keep the denoiser's weights and its latent inputs in the channels-last memory format. It speeds up
-            UNet convolutions on recent NVIDIA GPUs under bf16/fp16 autocast; it does nothing for the transformer
-            families (SD3, Flux) and little on CPU.
-        load_in_4bit (`bool`, *optional*, defaults to `False`):
-            QLoRA: load the denoiser's frozen base weights in 4 bits with bitsandbytes (diffusers'
+            step picks one per pair. Defaults to `None`.
+        encodings_cache_dir: Folder of the encoding cache files. `None`: beside the dataset's own cache files (a
+            dataset from `load_dataset`), or `<HF_DATASETS_CACHE>/trl_diffusion_encodings` for an in-memory dataset.
+            Defaults to `None`.
+        precompute_ref_errors: Methods with a reference (Diffusion-DPO, Adaptive-DPO): compute the reference's errors
+            of every pair in one no-grad pass before training, store them in the encoding cache, and release the
+            reference model, so full fine-tuning holds no reference in memory during training. Each pair's noise,
+            timestep, flip and caption dropout are then fixed for the whole run (drawn with `pair_seed(seed, 0, row)`),
+            where they otherwise change every step. Needs the encoding cache. Defaults to `False`.
+        channels_last: Keep the denoiser's weights and its latent inputs in the channels-last memory format. It speeds
+            up UNet convolutions on recent NVIDIA GPUs under bf16/fp16 autocast; it does nothing for the transformer
+            families (SD3, Flux) and little on CPU. Defaults to `False`.
+        load_in_4bit: QLoRA: load the denoiser's frozen base weights in 4 bits with bitsandbytes (diffusers'
             `BitsAndBytesConfig`) when the model is given as a path or Hub id. Needs a `peft_config` and a GPU.
-        load_in_8bit (`bool`, *optional*, defaults to `False`):
-            Like `load_in_4bit`, in 8 bits (LLM.int8()).
-        bnb_4bit_quant_type (`str`, *optional*, defaults to `"nf4"`):
-            4-bit data type: `"nf4"` (NormalFloat, the QLoRA paper's) or `"fp4"`.
-        bnb_4bit_compute_dtype (`str` or `None`, *optional*, defaults to `None`):
-            Dtype of the 4-bit layers' matrix multiplications: `"bfloat16"`, `"float16"` or `"float32"`. `None`
-            takes the mixed-precision dtype (bf16, fp16, else float32).
-        bnb_4bit_use_double_quant (`bool`, *optional*, defaults to `False`):
-            Also quantize the 4-bit quantization constants (about 0.4 bits per parameter saved).
+            Defaults to `False`.
+        load_in_8bit: Like `load_in_4bit`, in 8 bits (LLM.int8()). Defaults to `False`.
+        bnb_4bit_quant_type: 4-bit data type: `"nf4"` (NormalFloat, the QLoRA paper's) or `"fp4"`. Defaults to `"nf4"`.
+        bnb_4bit_compute_dtype: Dtype of the 4-bit layers' matrix multiplications: `"bfloat16"`, `"float16"` or
+            `"float32"`. `None` takes the mixed-precision dtype (bf16, fp16, else float32). Defaults to `None`.
+        bnb_4bit_use_double_quant: Also quantize the 4-bit quantization constants (about 0.4 bits per parameter saved).
+            Defaults to `False`.
 
-        > Saving
-
-        save_lora_format (`list[str]`, *optional*, defaults to `["diffusers"]`):
-            LoRA files each save of a LoRA run writes. The diffusers file (`pytorch_lora_weights.safetensors`, what
-            `load_lora_weights` and resuming read) is always written; `"kohya"` adds
-            `pytorch_lora_weights_kohya.safetensors` in the kohya key format that ComfyUI, Forge and kohya's scripts
-            load (see `docs/training.md`). A full fine-tune saves the denoiser in the diffusers format only.
+    Args: Saving:
+        save_lora_format: LoRA files each save of a LoRA run writes. The diffusers file
+            (`pytorch_lora_weights.safetensors`, what `load_lora_weights` and resuming read) is always written;
+            `"kohya"` adds `pytorch_lora_weights_kohya.safetensors` in the kohya key format that ComfyUI, Forge and
+            kohya's scripts load (see `docs/training.md`). A full fine-tune saves the denoiser in the diffusers format
+            only. Defaults to `["diffusers"]`.
     """
 
     resolution: int = field(default=512, metadata={"help": "Side of the square training images."})
@@ -209,6 +197,17 @@ class DiffusionPreferenceConfig(_BaseConfig):
     )
     confidence_column: str | None = field(
         default=None, metadata={"help": "Optional column of per-pair prior confidence in [0, 1]."}
+    )
+    image_url_timeout: float = field(
+        default=10.0, metadata={"help": "Seconds each attempt to fetch an image URL may wait (connection, reads)."}
+    )
+    image_url_retries: int = field(default=3, metadata={"help": "Retries of an image URL that fails."})
+    image_url_backoff: float = field(
+        default=1.0, metadata={"help": "Seconds before the first retry of an image URL (doubling after)."}
+    )
+    skip_unreachable_urls: bool = field(
+        default=False,
+        metadata={"help": "Skip (and count) pairs whose image URL stays unreachable instead of raising."},
     )
     proportion_empty_prompts: float = field(
         default=0.0, metadata={"help": "Fraction of pairs whose prompt is dropped (for both images)."}
@@ -361,6 +360,27 @@ class DiffusionPreferenceConfig(_BaseConfig):
         metadata={"help": "LoRA files to write: diffusers (always) and/or kohya (ComfyUI, Forge, kohya scripts)."},
     )
 
+    @property
+    def uncacheable_reason(self) -> str | None:
+        """Why a pair's encodings are not a function of the pair alone (so cannot be cached), or ``None``.
+
+        The one place of the rule: random crops (``random_crop``, ``temporal_crop="random"``) change every epoch;
+        flips do not count, since both flips are cached.
+        """
+        if self.random_crop:
+            return "random_crop=True changes each pair's crop every epoch"
+        if self.temporal_crop == "random":
+            return "temporal_crop='random' changes each pair's clip every epoch"
+        return None
+
+    @property
+    def encodings_cached(self) -> bool:
+        """Whether the trainer trains from the encoding cache: ``precompute_encodings``, and by default (``None``)
+        whenever the encodings can be cached (see [`uncacheable_reason`])."""
+        if self.precompute_encodings is None:
+            return self.uncacheable_reason is None
+        return self.precompute_encodings
+
     def _check_video_options(self):
         if self.num_frames is not None and self.num_frames < 1:
             raise ValueError(f"num_frames must be at least 1, got {self.num_frames}.")
@@ -372,11 +392,6 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(f"video_columns must name exactly two columns, got {self.video_columns}.")
         if self.video_size is not None and (len(self.video_size) != 2 or min(self.video_size) < 1):
             raise ValueError(f"video_size must be [height, width], got {self.video_size}.")
-        if self.precompute_encodings and self.temporal_crop == "random":
-            raise ValueError(
-                "precompute_encodings caches one clip per pair; temporal_crop='random' changes it every epoch. "
-                "Leave precompute_encodings unset (or False) to train with random temporal crops."
-            )
 
     def __post_init__(self):
         # TRL resolves an unset `bf16` to `not fp16`, which transformers then rejects on a machine without a bf16
@@ -418,13 +433,18 @@ class DiffusionPreferenceConfig(_BaseConfig):
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be at least 1, got {self.max_sequence_length}.")
         self._check_video_options()
-        if self.precompute_encodings and self.random_crop:
+        ImageURLOptions.from_config(self)  # checks the image URL options
+        if self.precompute_encodings and self.uncacheable_reason is not None:
             raise ValueError(
-                "precompute_encodings caches centre crops; random_crop=True changes each pair's crop every epoch. "
-                "Leave precompute_encodings unset (or False) to train with random crops."
+                f"precompute_encodings caches one fixed crop of each pair; {self.uncacheable_reason}. Leave "
+                "precompute_encodings unset (or False) to train with random crops."
             )
-        if self.precompute_ref_errors and (self.precompute_encodings is False or self.random_crop):
-            raise ValueError("precompute_ref_errors needs the encoding cache (precompute_encodings, no random_crop).")
+        if self.precompute_ref_errors and not self.encodings_cached:
+            raise ValueError(
+                "precompute_ref_errors needs the encoding cache (precompute_encodings, no random_crop or "
+                "temporal_crop='random'): each pair's stored reference error is for one fixed latent, noise and "
+                "timestep."
+            )
         unknown_formats = sorted(set(self.save_lora_format) - {"diffusers", "kohya"})
         if unknown_formats:
             raise ValueError(f"save_lora_format takes 'diffusers' and/or 'kohya', got {unknown_formats}.")

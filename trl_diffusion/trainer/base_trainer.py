@@ -1,5 +1,6 @@
 """The shared training step of every pairwise preference method for diffusion models."""
 
+import gc
 import json
 import logging
 import os
@@ -10,27 +11,38 @@ from typing import Any
 
 import torch
 from accelerate.utils import is_compiled_module
+from datasets import Dataset
 from diffusers import DiffusionPipeline
+from diffusers.training_utils import cast_training_params
 from huggingface_hub import save_torch_state_dict
 from peft import PeftConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
-from transformers import Trainer, TrainerCallback
+from transformers import DataCollator, Trainer, TrainerCallback
 from transformers.trainer_utils import enable_full_determinism, set_seed
 
-from ..callbacks import CollapseWarningCallback, read_widget
-from ..data import DiffusionPreferenceCollator, PreferenceDataset
-from ..encodings import FIXED_NOISE_STEP, prepare_cached_datasets
+from ..callbacks import CollapseWarningCallback, NonFiniteGuard, read_widget
+from ..data import DiffusionPreferenceCollator, PreferenceDataset, PreparationStats
+from ..dtypes import compute_dtype
 from ..lora_formats import KOHYA_WEIGHT_NAME, export_kohya_lora
 from ..model_card import write_model_card
+from ..model_config import load_pipeline
 from ..models import DiffusionFamily, get_family
-from ..quantization import check_quantized_setup, is_quantized, load_quantized_pipeline, wants_quantization
+from ..noise import (
+    FIXED_NOISE_STEP,
+    PairDraws,
+    noise_step,
+    pair_randomness,
+    pair_seed,  # noqa: F401 (re-exported from its former home)
+)
+from ..quantization import check_quantized_setup, is_quantized
+from ..streaming import StreamingPreferenceDataset, refuse_eval_stream, unshard_stream_loader
 from ..video import VideoPreferenceDataset
 from .agreement import fetch_in_agreement
 from .base_config import DiffusionPreferenceConfig
 from .checkpoints import begin_checkpoint, mark_checkpoint_complete, resolve_resume_checkpoint
-from .distributed import add_deepspeed_input_cast, prepare_frozen_model, zero3_init_disabled
-from .nonfinite import NonFiniteGuard
+from .distributed import add_deepspeed_input_cast, prepare_frozen_model
+from .encoding_cache import CachedData, prepare_cached_datasets
 
 
 logger = logging.getLogger(__name__)
@@ -44,7 +56,7 @@ class DenoisingStep:
 
     More generally, each of the ``B`` examples of a batch is a group of ``k = group_size`` images that share a prompt,
     a noise tensor and a timestep, stored image-major (image 0 of every example, then image 1, ...): ``k = 2`` for a
-    pair ``[x_w ; x_l]``, ``k = 1`` for the unpaired rows of [`UnpairedPreferenceDataset`] (Diffusion-KTO). ``k`` is
+    pair ``[x_w ; x_l]``, ``k = 1`` for the unpaired rows of [`UnpairedPreferenceDataset`][] (Diffusion-KTO). ``k`` is
     read from the batch (images per ``row_index``), so a method needs no switch for it.
 
     Attributes:
@@ -70,33 +82,6 @@ class DenoisingStep:
     ref_errors: torch.Tensor | None = None
     auxiliary_errors: dict[str, torch.Tensor] = field(default_factory=dict)
     group_size: int = 2
-
-
-def pair_seed(seed: int, step: int, row: int) -> int:
-    """A 63-bit seed for the noise, timestep and caption dropout of one pair at one optimizer step.
-
-    Noise depends only on (seed, step, dataset row), never on how rows are split into micro-batches or processes, so
-    batch 4 and batch 2 x accumulation 2 see the same noise, and a resumed run continues with the same draws.
-    """
-    mixed = (seed * 0x9E3779B97F4A7C15 + (step + 1) * 0xBF58476D1CE4E5B9 + row * 0x94D049BB133111EB) % (1 << 63)
-    return mixed
-
-
-def _load_pipeline(
-    model: str | DiffusionPipeline, args: DiffusionPreferenceConfig | None = None
-) -> tuple[DiffusionPipeline, str]:
-    if isinstance(model, DiffusionPipeline):
-        return model, model.name_or_path or type(model).__name__
-    if isinstance(model, (str, os.PathLike)):
-        if args is not None and wants_quantization(args):
-            # QLoRA: the denoiser's frozen base loads in 4/8 bits; its other layers in the compute dtype
-            compute_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-            return load_quantized_pipeline(str(model), args, compute_dtype), str(model)
-        with zero3_init_disabled():  # transformers would partition the frozen text encoders at load under ZeRO-3
-            return DiffusionPipeline.from_pretrained(str(model)), str(model)
-    raise TypeError(
-        f"model must be a diffusers pipeline folder, a Hub id or a DiffusionPipeline, got {type(model).__name__}."
-    )
 
 
 def _bridge_diffusers_model(denoiser: torch.nn.Module) -> None:
@@ -139,9 +124,10 @@ class DiffusionPreferenceTrainer(Trainer):
     Each step takes ``B`` pairs as ``[x_w ; x_l]`` latents, draws one noise tensor and one timestep per pair (shared by
     its two images), computes the per-sample denoising errors ``e = mean_{C,H,W} (prediction - target)^2`` of the
     policy in float32 (and of the reference under ``torch.no_grad()`` where the method has one), and hands them to the
-    method's loss function. A method subclass sets the class attributes and implements [`preference_loss`]; an unpaired
-    method (one image per example, as Diffusion-KTO) also sets ``dataset_class`` to [`UnpairedPreferenceDataset`], and
-    the step then gives each image its own noise and timestep (``DenoisingStep.group_size == 1``).
+    method's loss function. A method subclass sets the class attributes and implements [`preference_loss`][]; an
+    unpaired method (one image per example, as Diffusion-KTO) also sets ``dataset_class`` to
+    [`UnpairedPreferenceDataset`][], and the step then gives each image its own noise and timestep
+    (``DenoisingStep.group_size == 1``).
 
     Args:
         model: a diffusers pipeline folder or Hub id (loaded with ``DiffusionPipeline.from_pretrained``), or a loaded
@@ -150,11 +136,13 @@ class DiffusionPreferenceTrainer(Trainer):
             holding one (a pipeline folder or the denoiser's own folder). By default the reference is a frozen copy of
             the initial denoiser. With LoRA the reference is the same network with its adapters disabled.
         args: the method's config.
-        data_collator: defaults to [`DiffusionPreferenceCollator`].
-        train_dataset, eval_dataset: `datasets.Dataset` in the Pick-a-Pic or TRL-style schema (see `data.py`), or
-            a ready [`PreferenceDataset`].
+        data_collator: defaults to [`DiffusionPreferenceCollator`][].
+        train_dataset: a `datasets.Dataset` in the Pick-a-Pic or TRL-style schema (see `data.py`), or a ready
+            [`PreferenceDataset`][].
+        eval_dataset: as ``train_dataset``, or a dict of them by name.
         processing_class: unused (prompts are tokenized by the pipeline's own tokenizers); accepted for TRL's API.
-        callbacks, optimizers: as for [`~transformers.Trainer`].
+        callbacks: as for `transformers.Trainer`.
+        optimizers: ``(optimizer, lr_scheduler)``, as for `transformers.Trainer`.
         peft_config: a `peft.LoraConfig`. LoRA adapters are added to the denoiser and only they train. When its
             ``target_modules`` is ``None``, the model family's default attention projections are used.
     """
@@ -163,10 +151,10 @@ class DiffusionPreferenceTrainer(Trainer):
     _name = "Base"
     _paper: dict = {}
     config_class = DiffusionPreferenceConfig
-    # Whether the method compares against a frozen reference model
-    _uses_reference = True
+    # Whether the method compares against a frozen reference model (MaPO does not)
+    uses_reference = True
     # The per-pair accuracy metric that is also logged per timestep bucket
-    _accuracy_metric = "rewards/accuracies"
+    accuracy_metric = "rewards/accuracies"
     # `compute_loss` returns a per-micro-batch mean: the Trainer divides it by the accumulation steps
     loss_is_scaled_for_ga = False
     # What a raw `datasets.Dataset` is wrapped in (its `from_config(dataset, args)`): pairs here; an unpaired method
@@ -178,68 +166,23 @@ class DiffusionPreferenceTrainer(Trainer):
         model: str | DiffusionPipeline,
         ref_model: str | torch.nn.Module | None = None,
         args: DiffusionPreferenceConfig | None = None,
-        data_collator=None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
+        data_collator: DataCollator | None = None,
+        train_dataset: Dataset | PreferenceDataset | None = None,
+        eval_dataset: Dataset | PreferenceDataset | dict[str, Dataset | PreferenceDataset] | None = None,
+        processing_class: Any = None,
         callbacks: list[TrainerCallback] | None = None,
-        optimizers=(None, None),
+        optimizers: tuple[torch.optim.Optimizer | None, torch.optim.lr_scheduler.LRScheduler | None] = (None, None),
         peft_config: PeftConfig | None = None,
     ):
         if args is None:
             model_name = model if isinstance(model, str) else type(model).__name__
             args = self.config_class(output_dir=f"{os.path.basename(str(model_name).rstrip('/'))}-{self._name}")
-        if ref_model is not None and not self._uses_reference:
-            raise ValueError(f"{type(self).__name__} uses no reference model; do not pass `ref_model`.")
-        if ref_model is not None and (peft_config is not None or args.adapter_name_or_path is not None):
-            raise ValueError(
-                "With LoRA (`peft_config` or `adapter_name_or_path`), the reference is the base network with its "
-                "adapters disabled (or with a frozen adapter); do not pass `ref_model` (it would be a second copy in "
-                "memory)."
-            )
+        self._check_reference_arguments(ref_model, args, peft_config)
         # Seed before LoRA initialisation and reference copies, as `Trainer` does for its own model init.
         enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
-        pipeline, self.model_name_or_path = _load_pipeline(model, args)
-        self.family: DiffusionFamily = get_family(pipeline, args)
-        self.weight_dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
-        for name, module in self.family.frozen_modules().items():
-            _cast(module.requires_grad_(False).eval(), self.family.frozen_module_dtype(name, self.weight_dtype))
-        denoiser = self.family.denoiser
-        # Training on top of an existing LoRA (`adapter_name_or_path`) is LoRA training of that adapter
-        self.is_peft = peft_config is not None or args.adapter_name_or_path is not None
-        # The name of a frozen adapter that is (with the base) the reference, or None when the reference is the base
-        self.reference_adapter: str | None = None
-        check_quantized_setup(denoiser, args, self.is_peft)
-        if self.is_peft:
-            denoiser.requires_grad_(False)
-            if not is_quantized(denoiser):  # a quantized model keeps its own dtypes (and refuses casts)
-                _cast(denoiser, self.weight_dtype)
-            if args.adapter_name_or_path is not None:
-                self._load_starting_adapter(pipeline, args, peft_config)
-            else:
-                if peft_config.target_modules is None:
-                    peft_config.target_modules = list(self.family.lora_target_modules)
-                denoiser.add_adapter(peft_config)
-            for parameter in denoiser.parameters():
-                if parameter.requires_grad:
-                    parameter.data = parameter.data.float()
-            self.ref_model = None
-        else:
-            _cast(denoiser.requires_grad_(True), torch.float32)
-            self.ref_model = self._create_reference(ref_model, denoiser) if self._uses_reference else None
-        _bridge_diffusers_model(denoiser)
-        if args.channels_last:
-            for network in (denoiser, self.ref_model):
-                if network is not None:
-                    network.to(memory_format=torch.channels_last)
-        self.train_dataset_stats = None
-        train_dataset = self._wrap_dataset(train_dataset, args)
-        if isinstance(train_dataset, PreferenceDataset):
-            self.train_dataset_stats = train_dataset.stats
-        if isinstance(eval_dataset, dict):
-            eval_dataset = {name: self._wrap_dataset(dataset, args) for name, dataset in eval_dataset.items()}
-        else:
-            eval_dataset = self._wrap_dataset(eval_dataset, args)
+        pipeline = self._setup_pipeline(model, args)
+        denoiser = self._setup_denoiser(pipeline, ref_model, args, peft_config)
+        train_dataset, eval_dataset = self._setup_datasets(train_dataset, eval_dataset, args)
         super().__init__(
             model=denoiser,
             args=args,
@@ -250,34 +193,144 @@ class DiffusionPreferenceTrainer(Trainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
-        self.add_callback(
-            CollapseWarningCallback(
-                self._accuracy_metric, args.collapse_warning_accuracy, args.collapse_warning_error_ratio
-            )
-        )
-        device = self.accelerator.device
-        for module in self.family.frozen_modules().values():
-            module.to(device)
-        if self.is_deepspeed_enabled:
-            add_deepspeed_input_cast(denoiser)
-        if self.ref_model is not None:
-            # As TRL prepares its `ref_model`: replicated (DDP, ZeRO-1/2) or sharded (ZeRO-3, FSDP) like the policy.
-            self.ref_model = prepare_frozen_model(self.ref_model, self.accelerator)
-            distributed = self.is_deepspeed_enabled or self.is_fsdp_enabled
-            if args.torch_compile and not distributed and not args.precompute_ref_errors:
-                # The frozen copy runs once per step like the policy: compile it as the Trainer compiles the policy.
-                self.ref_model = torch.compile(
-                    self.ref_model, backend=args.torch_compile_backend, mode=args.torch_compile_mode
-                )
-        self._metrics: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
-        self._skipped_rows = defaultdict(int)
-        self.nonfinite_guard = NonFiniteGuard(self, max_skipped_steps=args.skip_nonfinite_steps)
-        self.add_callback(self.nonfinite_guard)
-        # Encoding cache (`precompute_encodings`) and precomputed reference errors: see `trl_diffusion.encodings`
-        self._empty_prompt_embeds: dict[str, torch.Tensor] | None = None
-        prepare_cached_datasets(self)
+        self._setup_step_state(args)
+        self._place_frozen_networks(denoiser, args)
+        # Encoding cache (`precompute_encodings`) and precomputed reference errors: see `trainer/encoding_cache.py`
+        self._use_cached_data(prepare_cached_datasets(self, self._prepare_inputs))
 
     # ----- set-up -----
+
+    @property
+    def _uses_reference(self) -> bool:
+        """The former name of [`uses_reference`][]."""
+        return self.uses_reference
+
+    def _check_reference_arguments(self, ref_model, args: DiffusionPreferenceConfig, peft_config) -> None:
+        """Refuse a ``ref_model`` that the method or the LoRA set-up would not use."""
+        if ref_model is not None and not self.uses_reference:
+            raise ValueError(f"{type(self).__name__} uses no reference model; do not pass `ref_model`.")
+        if ref_model is not None and (peft_config is not None or args.adapter_name_or_path is not None):
+            raise ValueError(
+                "With LoRA (`peft_config` or `adapter_name_or_path`), the reference is the base network with its "
+                "adapters disabled (or with a frozen adapter); do not pass `ref_model` (it would be a second copy in "
+                "memory)."
+            )
+
+    def _setup_pipeline(self, model: str | DiffusionPipeline, args: DiffusionPreferenceConfig) -> DiffusionPipeline:
+        """Load the pipeline (see [`load_pipeline`][trl_diffusion.model_config.load_pipeline]), find its family and
+        freeze the VAE and text encoders in the compute dtype."""
+        if isinstance(model, DiffusionPipeline):
+            pipeline, self.model_name_or_path = model, model.name_or_path or type(model).__name__
+        elif isinstance(model, (str, os.PathLike)):
+            pipeline, self.model_name_or_path = load_pipeline(model, args), str(model)
+        else:
+            raise TypeError(
+                f"model must be a diffusers pipeline folder, a Hub id or a DiffusionPipeline, got {type(model).__name__}."
+            )
+        self.family: DiffusionFamily = get_family(pipeline, args)
+        self.weight_dtype = compute_dtype(args)
+        for name, module in self.family.frozen_modules().items():
+            _cast(module.requires_grad_(False).eval(), self.family.frozen_module_dtype(name, self.weight_dtype))
+        return pipeline
+
+    def _setup_denoiser(
+        self, pipeline: DiffusionPipeline, ref_model, args: DiffusionPreferenceConfig, peft_config: PeftConfig | None
+    ) -> torch.nn.Module:
+        """Make the denoiser trainable (its LoRA adapters, or all of it) and build the reference where needed."""
+        denoiser = self.family.denoiser
+        # Training on top of an existing LoRA (`adapter_name_or_path`) is LoRA training of that adapter
+        self.is_peft = peft_config is not None or args.adapter_name_or_path is not None
+        # The name of a frozen adapter that is (with the base) the reference, or None when the reference is the base
+        self.reference_adapter: str | None = None
+        check_quantized_setup(denoiser, args, self.is_peft)
+        if self.is_peft:
+            self._setup_lora(pipeline, denoiser, args, peft_config)
+            self.ref_model = None
+        else:
+            _cast(denoiser.requires_grad_(True), torch.float32)
+            self.ref_model = self._create_reference(ref_model, denoiser) if self.uses_reference else None
+        _bridge_diffusers_model(denoiser)
+        if args.channels_last:
+            for network in (denoiser, self.ref_model):
+                if network is not None:
+                    network.to(memory_format=torch.channels_last)
+        return denoiser
+
+    def _setup_lora(
+        self, pipeline: DiffusionPipeline, denoiser: torch.nn.Module, args, peft_config: PeftConfig | None
+    ) -> None:
+        """Freeze the base in the compute dtype and add the trained adapter (new, or the user's), in float32."""
+        denoiser.requires_grad_(False)
+        if not is_quantized(denoiser):  # a quantized model keeps its own dtypes (and refuses casts)
+            _cast(denoiser, self.weight_dtype)
+        if args.adapter_name_or_path is not None:
+            self._load_starting_adapter(pipeline, args, peft_config)
+        else:
+            if peft_config.target_modules is None:
+                peft_config.target_modules = list(self.family.lora_target_modules)
+            denoiser.add_adapter(peft_config)
+        cast_training_params(denoiser, dtype=torch.float32)
+
+    def _setup_datasets(self, train_dataset, eval_dataset, args: DiffusionPreferenceConfig):
+        """Wrap raw `datasets.Dataset`s in the method's dataset class; keep the training data's statistics."""
+        train_dataset = self._wrap_dataset(train_dataset, args)
+        self.train_dataset_stats = train_dataset.stats if isinstance(train_dataset, PreferenceDataset) else None
+        if isinstance(train_dataset, StreamingPreferenceDataset):
+            self.train_dataset_stats = PreparationStats()  # a stream's drops are counted from its batches
+        if isinstance(eval_dataset, dict):
+            eval_dataset = {name: self._wrap_dataset(dataset, args) for name, dataset in eval_dataset.items()}
+        else:
+            eval_dataset = self._wrap_dataset(eval_dataset, args)
+        refuse_eval_stream(eval_dataset)
+        return train_dataset, eval_dataset
+
+    def _setup_step_state(self, args: DiffusionPreferenceConfig) -> None:
+        """The training step's own state: metrics, skip counts, the noise step, and its two watchdog callbacks."""
+        self.add_callback(
+            CollapseWarningCallback(
+                self.accuracy_metric, args.collapse_warning_accuracy, args.collapse_warning_error_ratio
+            )
+        )
+        # The step that seeds every training step's draws, or None for the optimizer step (see `trl_diffusion.noise`)
+        self.fixed_noise_step: int | None = FIXED_NOISE_STEP if args.precompute_ref_errors else None
+        self._metrics: dict[str, dict[str, torch.Tensor]] = {"train": {}, "eval": {}}
+        self._skipped_rows = defaultdict(int)
+        self._dropped_ties = defaultdict(int)  # ties of a stream, counted as its batches are read
+        self.nonfinite_guard = NonFiniteGuard(self, max_skipped_steps=args.skip_nonfinite_steps)
+        self.add_callback(self.nonfinite_guard)
+        # The family's encoding of the empty prompt, for caption dropout on cached data (set by the encoding cache)
+        self._empty_prompt_embeds: dict[str, torch.Tensor] | None = None
+
+    def _place_frozen_networks(self, denoiser: torch.nn.Module, args: DiffusionPreferenceConfig) -> None:
+        """Move the frozen networks to the device; prepare (and compile) the reference as the policy is."""
+        for module in self.family.frozen_modules().values():
+            module.to(self.accelerator.device)
+        if self.is_deepspeed_enabled:
+            add_deepspeed_input_cast(denoiser)
+        if self.ref_model is None:
+            return
+        # As TRL prepares its `ref_model`: replicated (DDP, ZeRO-1/2) or sharded (ZeRO-3, FSDP) like the policy.
+        self.ref_model = prepare_frozen_model(self.ref_model, self.accelerator)
+        distributed = self.is_deepspeed_enabled or self.is_fsdp_enabled
+        if args.torch_compile and not distributed and not args.precompute_ref_errors:
+            # The frozen copy runs once per step like the policy: compile it as the Trainer compiles the policy.
+            self.ref_model = torch.compile(
+                self.ref_model, backend=args.torch_compile_backend, mode=args.torch_compile_mode
+            )
+
+    def _use_cached_data(self, cached: CachedData | None) -> None:
+        """Train from the encoding caches; with stored reference errors, release the frozen reference copy."""
+        if cached is None:
+            return
+        self.train_dataset, self.eval_dataset = cached.train_dataset, cached.eval_dataset
+        self._empty_prompt_embeds = cached.empty_prompt_embeds
+        self._skipped_rows["train"] += cached.num_skipped
+        if cached.release_reference:
+            # The reference's work is done: no reference model sits in memory during training.
+            self.ref_model = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
 
     def _create_reference(self, ref_model, denoiser: torch.nn.Module) -> torch.nn.Module:
         """A frozen reference denoiser in the compute dtype: a copy of the initial policy unless one is given."""
@@ -303,7 +356,7 @@ class DiffusionPreferenceTrainer(Trainer):
                 "adapter_name_or_path is set: training continues that LoRA with its own rank and target modules; "
                 "the rank and targets of the given peft_config are not used."
             )
-        names = ["default"] + (["reference"] if self._uses_reference and args.reference == "base+adapter" else [])
+        names = ["default"] + (["reference"] if self.uses_reference and args.reference == "base+adapter" else [])
         for name in names:
             pipeline.load_lora_weights(source, adapter_name=name)
         denoised = [key for key, module in pipeline.components.items() if getattr(module, "peft_config", None)]
@@ -319,6 +372,8 @@ class DiffusionPreferenceTrainer(Trainer):
             parameter.requires_grad_("lora_" in name and ".default." in name)
 
     def _wrap_dataset(self, dataset, args: DiffusionPreferenceConfig):
+        if StreamingPreferenceDataset.accepts(dataset):
+            return StreamingPreferenceDataset.for_trainer(dataset, args, self.dataset_class, self.family.is_video)
         if dataset is None or isinstance(dataset, PreferenceDataset) or not hasattr(dataset, "column_names"):
             return dataset
         if self.family.is_video:
@@ -333,7 +388,7 @@ class DiffusionPreferenceTrainer(Trainer):
 
     def _prepare_inputs(self, inputs: dict[str, Any]) -> dict[str, Any]:
         # Row indices and the skip count stay on the host: the per-pair noise is drawn there, without a device sync.
-        host = {key: inputs.pop(key) for key in ("row_index", "num_skipped") if key in inputs}
+        host = {key: inputs.pop(key) for key in ("row_index", "num_skipped", "num_ties") if key in inputs}
         inputs = super()._prepare_inputs(inputs)
         inputs.update(host)
         return inputs
@@ -344,32 +399,12 @@ class DiffusionPreferenceTrainer(Trainer):
         chunks = pixel_values.split(self.args.vae_encode_batch_size)
         return torch.cat([self.family.encode_images(chunk) for chunk in chunks]).float()
 
-    def _noise_step(self, mode: str) -> int:
-        """The step that seeds a pair's draws (see [`pair_seed`]): the optimizer step in training, ``-1`` in
-        evaluation, and ``FIXED_NOISE_STEP`` at every training step when reference errors are precomputed."""
-        if mode != "train":
-            return -1
-        return FIXED_NOISE_STEP if self.args.precompute_ref_errors else self.state.global_step
-
-    def _pair_randomness(
-        self, row_index: torch.Tensor, latent_shape: torch.Size, mode: str
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Noise ``(B, *latent_shape)`` and three uniforms per pair (timestep, caption dropout, flip of a cached pair),
-        seeded per pair: ``(noise, uniforms)`` on the device, and the same uniforms on the host for host-side
-        decisions."""
-        step = self._noise_step(mode)
-        noise, uniforms = [], []
-        for row in row_index.tolist():
-            generator = torch.Generator().manual_seed(pair_seed(self.args.seed, step, row))
-            noise.append(torch.randn(latent_shape, generator=generator))
-            # Drawn in this order so that adding the flip left the earlier draws (and past runs' noise) unchanged
-            uniforms.append(torch.cat([torch.rand(2, generator=generator), torch.rand(1, generator=generator)]))
-        noise, host_uniforms = torch.stack(noise), torch.stack(uniforms)
-        uniforms = host_uniforms
-        device = self.accelerator.device
-        if device.type == "cuda":
-            noise, uniforms = noise.pin_memory(), uniforms.pin_memory()
-        return noise.to(device, non_blocking=True), uniforms.to(device, non_blocking=True), host_uniforms
+    def _pair_draws(self, row_index: torch.Tensor, latent_shape: torch.Size, mode: str) -> tuple[PairDraws, PairDraws]:
+        """The seeded draws of a batch's pairs (see `trl_diffusion.noise`): ``(on the device, on the host)``, the
+        host copy for host-side decisions (the uncached caption dropout)."""
+        step = noise_step(mode, self.state.global_step, self.fixed_noise_step)
+        host = pair_randomness(row_index, latent_shape, seed=self.args.seed, step=step)
+        return host.to(self.accelerator.device), host
 
     def _cached_prompt_embeds(
         self, prompt_embeds: dict[str, torch.Tensor], dropped: torch.Tensor | None
@@ -385,30 +420,30 @@ class DiffusionPreferenceTrainer(Trainer):
 
     def prepare_step(self, inputs: dict[str, Any], mode: str = "train") -> DenoisingStep:
         """Encode a collated batch, or read its cached encodings, and draw its shared noise and timesteps (see
-        [`DenoisingStep`]). Nothing is copied from the device to the host: random decisions are made on the host
+        [`DenoisingStep`][]). Nothing is copied from the device to the host: random decisions are made on the host
         (the uncached caption dropout) or on the device (the cached one, the flip of a cached pair)."""
         with torch.no_grad():
             cached = "latents" in inputs
             latents = inputs["latents"].float() if cached else self.encode_images(inputs["pixel_values"])
-            noise, uniforms, host_uniforms = self._pair_randomness(inputs["row_index"], latents.shape[1:], mode)
+            draws, host_draws = self._pair_draws(inputs["row_index"], latents.shape[1:], mode)
             group_size = latents.shape[0] // len(inputs["row_index"])
             drop_rate = self.args.proportion_empty_prompts
             if cached:
                 if "latents_flipped" in inputs:
-                    flip = (uniforms[:, 2] < 0.5).repeat(group_size).view(-1, *([1] * (latents.dim() - 1)))
+                    flip = (draws.flip < 0.5).repeat(group_size).view(-1, *([1] * (latents.dim() - 1)))
                     latents = torch.where(flip, inputs["latents_flipped"].float(), latents)
-                dropped = uniforms[:, 1] < drop_rate if drop_rate > 0 else None
+                dropped = draws.caption_dropout < drop_rate if drop_rate > 0 else None
                 prompt_embeds = self._cached_prompt_embeds(inputs["prompt_embeds"], dropped)
             else:
                 prompts = list(inputs["prompts"])
                 if drop_rate > 0:
-                    dropped = (host_uniforms[:, 1] < drop_rate).tolist()
+                    dropped = (host_draws.caption_dropout < drop_rate).tolist()
                     prompts = ["" if drop else prompt for prompt, drop in zip(prompts, dropped, strict=True)]
                 prompt_embeds = self.family.encode_prompt(prompts)
             conditioning = {key: torch.cat([value] * group_size) for key, value in prompt_embeds.items()}
             conditioning.update(self.family.image_conditioning(inputs))
-            timesteps = self.family.timesteps_from_uniform(uniforms[:, 0]).repeat(group_size)
-            noise = noise.repeat(group_size, *([1] * (noise.dim() - 1)))
+            timesteps = self.family.timesteps_from_uniform(draws.timestep).repeat(group_size)
+            noise = draws.noise.repeat(group_size, *([1] * (draws.noise.dim() - 1)))
             noisy_latents = self.family.noisy_input(latents, noise, timesteps)
             if self.args.channels_last and noisy_latents.dim() == 4:
                 noisy_latents = noisy_latents.contiguous(memory_format=torch.channels_last)
@@ -472,9 +507,9 @@ class DiffusionPreferenceTrainer(Trainer):
         # touches a live autograd graph. Autocast as for the policy (whose forward `accelerate` wraps): a full
         # fine-tune's frozen reference holds compute-dtype weights and takes the float32 latents.
         with torch.no_grad(), self.accelerator.autocast():
-            if self._uses_reference and "ref_errors" in inputs:
+            if self.uses_reference and "ref_errors" in inputs:
                 step.ref_errors = inputs["ref_errors"].float()  # precomputed (`precompute_ref_errors`)
-            elif self._uses_reference:
+            elif self.uses_reference:
                 with self.reference_model(model) as reference:
                     step.ref_errors = self.denoising_errors(reference, step)
             step.auxiliary_errors = self.auxiliary_errors(model, step)
@@ -486,6 +521,7 @@ class DiffusionPreferenceTrainer(Trainer):
             self.nonfinite_guard.observe(inputs["row_index"], terms)
         self._record_metrics(mode, metrics, step.timesteps[: len(step.timesteps) // step.group_size])
         self._skipped_rows[mode] += int(inputs.get("num_skipped", 0))
+        self._dropped_ties[mode] += int(inputs.get("num_ties", 0))
         return (loss, metrics) if return_outputs else loss
 
     def get_batch_samples(self, epoch_iterator, num_batches: int, device: torch.device):
@@ -504,8 +540,16 @@ class DiffusionPreferenceTrainer(Trainer):
         raise NotImplementedError
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """[`~transformers.Trainer.evaluate`], accepting a raw `datasets.Dataset` in either preference schema."""
-        return super().evaluate(self._wrap_dataset(eval_dataset, self.args), ignore_keys, metric_key_prefix)
+        """`transformers.Trainer.evaluate`, accepting a raw `datasets.Dataset` in either preference schema."""
+        eval_dataset = self._wrap_dataset(eval_dataset, self.args)
+        refuse_eval_stream(eval_dataset)
+        return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+
+    def get_train_dataloader(self):
+        # A stream is already split across processes: accelerate must not re-shard its loader.
+        dataloader = super().get_train_dataloader()
+        unshard_stream_loader(dataloader)
+        return dataloader
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs = self._prepare_inputs(inputs)
@@ -527,13 +571,13 @@ class DiffusionPreferenceTrainer(Trainer):
 
         for key, values in metrics.items():
             add(key, values)
-        accuracy = metrics.get(self._accuracy_metric)
+        accuracy = metrics.get(self.accuracy_metric)
         if accuracy is not None:
             num_buckets, num_timesteps = self.args.timestep_buckets, self.family.num_train_timesteps
             bucket = (timesteps.float() / num_timesteps * num_buckets).long().clamp(0, num_buckets - 1)
             for b in range(num_buckets):
                 low, high = round(b * num_timesteps / num_buckets), round((b + 1) * num_timesteps / num_buckets)
-                add(f"{self._accuracy_metric}/t{low}-{high}", accuracy, bucket == b)
+                add(f"{self.accuracy_metric}/t{low}-{high}", accuracy, bucket == b)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         # Training logs carry "loss", evaluation logs "eval_*"; other logs (e.g. from callbacks) leave metrics be.
@@ -548,12 +592,15 @@ class DiffusionPreferenceTrainer(Trainer):
                     logs[prefix + key] = total / count
             store.clear()
         if mode == "train" and self.train_dataset_stats is not None:
-            logs["data/dropped_ties"] = self.train_dataset_stats.num_ties
-            logs["data/skipped_rows"] = (
-                self.train_dataset_stats.num_invalid_labels
-                + self.train_dataset_stats.num_invalid_captions
-                + self._skipped_rows["train"]
-            )
+            stats = self.train_dataset_stats
+            counts = [
+                stats.num_ties + self._dropped_ties["train"],
+                stats.num_invalid_labels + stats.num_invalid_captions,
+            ]
+            counts[1] += self._skipped_rows["train"]
+            if isinstance(self.train_dataset, StreamingPreferenceDataset):  # each process read its own part
+                counts = self.accelerator.reduce(torch.tensor(counts, device=self.accelerator.device), "sum").tolist()
+            logs["data/dropped_ties"], logs["data/skipped_rows"] = counts
         if mode == "train":
             self.nonfinite_guard.update_logs(logs)
         super().log(logs, start_time)
@@ -561,13 +608,13 @@ class DiffusionPreferenceTrainer(Trainer):
     # ----- saving, loading and the Hub -----
 
     def train(self, resume_from_checkpoint: str | bool | None = None, *args, **kwargs):
-        """[`~transformers.Trainer.train`]; ``resume_from_checkpoint`` must be a complete checkpoint (``True``: the
+        """`transformers.Trainer.train`; ``resume_from_checkpoint`` must be a complete checkpoint (``True``: the
         last complete one in ``output_dir``), else a clear error is raised before anything loads."""
         resume_from_checkpoint = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(resume_from_checkpoint, *args, **kwargs)
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
-        """[`~transformers.Trainer.save_model`], refusing non-finite weights (see [`NonFiniteGuard`])."""
+        """`transformers.Trainer.save_model`, refusing non-finite weights (see [`NonFiniteGuard`][])."""
         self.nonfinite_guard.check_weights(output_dir or self.args.output_dir)
         super().save_model(output_dir, _internal_call)
 
@@ -620,7 +667,7 @@ class DiffusionPreferenceTrainer(Trainer):
         self.create_model_card(output_dir=output_dir)
 
     def saved_model_files(self) -> list[str]:
-        """Glob patterns of the files [`save_model`] writes: what `push_to_hub` uploads, and nothing else."""
+        """Glob patterns of the files [`save_model`][] writes: what `push_to_hub` uploads, and nothing else."""
         # The validation images the model card shows as its widget gallery, if any
         common = ["README.md", "training_config.json"] + [
             entry["output"]["url"] for entry in read_widget(self.args.output_dir) or []

@@ -6,40 +6,34 @@ from .base_config import DiffusionPreferenceConfig
 
 @dataclass
 class DiffusionDPOConfig(DiffusionPreferenceConfig):
-    r"""
-    Configuration class for the [`DiffusionDPOTrainer`] (Wallace et al. 2023, arXiv 2311.12908).
+    """Configuration class for the [`DiffusionDPOTrainer`][] (Wallace et al. 2023, arXiv 2311.12908).
 
-    Only the parameters specific to Diffusion-DPO are listed here; see [`DiffusionPreferenceConfig`] for the data and
-    step options and [`~transformers.TrainingArguments`] for the rest.
+    Only the parameters specific to Diffusion-DPO are listed here; see [`DiffusionPreferenceConfig`][] for the data and
+    step options and `transformers.TrainingArguments` for the rest. The guards against collapse are explained in
+    `docs/guards.md`.
 
-    Parameters:
-        beta (`float`, *optional*, defaults to `2500.0`):
-            KL-regularisation strength on the library-wide scale, where the loss is `-log σ(β·ℓ)`. The paper's
+    Args:
+        beta: KL-regularisation strength on the library-wide scale, where the loss is `-log σ(β·ℓ)`. The paper's
             official code writes `-(β'/2)·(...)` with `β' = 5000` (SDXL) or `2000` (SD1.5): divide their number by 2.
-            The diffusers research script's `beta_dpo = 2500` is already on our scale.
-        loss_type (`str`, *optional*, defaults to `"sigmoid"`):
-            `"sigmoid"` (the paper), `"hinge"`, `"ipo"`, `"conservative"` (cDPO) or `"robust"` (rDPO).
-        label_smoothing (`float`, *optional*, defaults to `0.0`):
-            Assumed label-flip probability ε of the `"conservative"` and `"robust"` losses, in `[0, 0.5)`.
-        sync_ref_model (`bool`, *optional*, defaults to `False`):
-            TR-DPO ([Gorbatovski et al. 2024](https://huggingface.co/papers/2404.09656)): every
-            `ref_model_sync_steps` steps, move the frozen reference towards the policy,
-            `θ_ref ← α·θ + (1 − α)·θ_ref`, with TRL's `SyncRefModelCallback`. Full fine-tuning only: with LoRA the
-            reference is the base network with adapters disabled, and there is no separate copy to update.
-        ref_model_mixup_alpha (`float`, *optional*, defaults to `0.6`):
-            α of the TR-DPO update, in `(0, 1]`.
-        ref_model_sync_steps (`int`, *optional*, defaults to `512`):
-            τ of the TR-DPO update: optimizer steps between reference updates.
+            The diffusers research script's `beta_dpo = 2500` is already on our scale. Defaults to `2500.0`.
+        loss_type: `"sigmoid"` (the paper), `"hinge"`, `"ipo"`, `"conservative"` (cDPO) or `"robust"` (rDPO). Defaults
+            to `"sigmoid"`.
+        label_smoothing: Assumed label-flip probability ε of the `"conservative"` and `"robust"` losses, in `[0, 0.5)`.
+            Defaults to `0.0`.
+        sync_ref_model: TR-DPO ([Gorbatovski et al. 2024](https://huggingface.co/papers/2404.09656)): every
+            `ref_model_sync_steps` steps, move the frozen reference towards the policy, `θ_ref ← α·θ + (1 − α)·θ_ref`,
+            with TRL's `SyncRefModelCallback`. Full fine-tuning only: with LoRA the reference is the base network with
+            adapters disabled, and there is no separate copy to update. Defaults to `False`.
+        ref_model_mixup_alpha: α of the TR-DPO update, in `(0, 1]`. Defaults to `0.6`.
+        ref_model_sync_steps: τ of the TR-DPO update: optimizer steps between reference updates. Defaults to `512`.
 
-        > Guards against collapse (see `docs/guards.md`)
-
-        sft_weight (`float`, *optional*, defaults to `0.0`):
-            Weight `λ` of a supervised anchor on the chosen images, `L += λ·mean(e_w)`: it keeps the policy's error on
-            the chosen images from rising while DPO pushes the rejected ones away. `0` turns it off.
-        max_margin (`float` or `None`, *optional*, defaults to `None`):
-            Cap on the scaled margin `β·ℓ` the loss sees: a pair whose margin is above it gives no gradient, so DPO
-            stops pushing pairs that are already well separated (SimpleTuner caps the margin for the same reason).
-            `None` turns it off.
+    Args: Guards against collapse:
+        sft_weight: Weight `λ` of a supervised anchor on the chosen images, `L += λ·mean(e_w)`: it keeps the policy's
+            error on the chosen images from rising while DPO pushes the rejected ones away. `0` turns it off. Defaults
+            to `0.0`.
+        max_margin: Cap on the scaled margin `β·ℓ` the loss sees: a pair whose margin is above it gives no gradient, so
+            DPO stops pushing pairs that are already well separated (SimpleTuner caps the margin for the same reason).
+            `None` turns it off. Defaults to `None`.
     """
 
     beta: float = field(

@@ -11,27 +11,26 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
     """Trainer for Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908).
 
     The per-sample denoising error stands in for the negative log-likelihood, measured against a frozen reference:
-    ``L = -mean log σ(β·((r_w − r_l) − (e_w − e_l)))`` (Eq. 14; see [`diffusion_dpo_loss`] for the other loss types).
+    ``L = -mean log σ(β·((r_w − r_l) − (e_w − e_l)))`` (Eq. 14; see [`diffusion_dpo_loss`][] for the other loss types).
     With LoRA the reference is the base network with adapters disabled; with full fine-tuning it is a frozen copy.
 
     Example:
+        ```python
+        from datasets import load_dataset
+        from peft import LoraConfig
+        from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
 
-    ```python
-    from datasets import load_dataset
-    from peft import LoraConfig
-    from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
+        dataset = load_dataset("yuvalkirstain/pickapic_v2", split="train[:1000]")
+        trainer = DiffusionDPOTrainer(
+            model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            args=DiffusionDPOConfig(output_dir="sd15-dpo", per_device_train_batch_size=8, max_steps=2000),
+            train_dataset=dataset,
+            peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
+        )
+        trainer.train()
+        ```
 
-    dataset = load_dataset("yuvalkirstain/pickapic_v2", split="train[:1000]")
-    trainer = DiffusionDPOTrainer(
-        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        args=DiffusionDPOConfig(output_dir="sd15-dpo", per_device_train_batch_size=8, max_steps=2000),
-        train_dataset=dataset,
-        peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
-    )
-    trainer.train()
-    ```
-
-    See [`DiffusionPreferenceTrainer`] for the arguments.
+    See [`DiffusionPreferenceTrainer`][] for the arguments.
     """
 
     _tag_names = ["trl", "trl-diffusion", "diffusion-dpo"]

@@ -5,29 +5,25 @@ from .base_config import DiffusionPreferenceConfig
 
 @dataclass
 class DiffusionKTOConfig(DiffusionPreferenceConfig):
-    r"""
-    Configuration class for the [`DiffusionKTOTrainer`] (Li et al. 2024, arXiv 2404.04465).
+    """Configuration class for the [`DiffusionKTOTrainer`][] (Li et al. 2024, arXiv 2404.04465).
 
-    Only the parameters specific to Diffusion-KTO are listed here; see [`DiffusionPreferenceConfig`] for the data and
-    step options and [`~transformers.TrainingArguments`] for the rest. `per_device_train_batch_size` counts images
+    Only the parameters specific to Diffusion-KTO are listed here; see [`DiffusionPreferenceConfig`][] for the data and
+    step options and `transformers.TrainingArguments` for the rest. `per_device_train_batch_size` counts images
     (rows), where the pairwise methods count pairs: give KTO twice the pairwise batch for the same images per step.
 
-    Parameters:
-        beta (`float`, *optional*, defaults to `1000.0`):
-            Scale of the implicit reward `g = r − e` inside the utility, `σ(±β·(g − z₀))`. The authors' code uses the
-            same error scale (means over channels and pixels) and the default 1000.
-        desirable_weight (`float`, *optional*, defaults to `1.0`):
-            `λ_D`, the weight of a desirable image's loss. With unbalanced data, choose the weights so that
-            `λ_D·n_D / (λ_U·n_U)` lies in `[1, 4/3]` (the KTO paper's advice; the trainer warns outside it).
-        undesirable_weight (`float`, *optional*, defaults to `1.0`):
-            `λ_U`, the weight of an undesirable image's loss.
-        prompt_column (`str`, *optional*, defaults to `"prompt"`):
-            Prompt column of the unpaired rows.
-        image_column (`str`, *optional*, defaults to `"image"`):
-            Image column of the unpaired rows (TRL's `completion` is accepted when this one is missing).
-        desirable_column (`str`, *optional*, defaults to `"label"`):
-            Label column: `True` (or 1) for a desirable image, `False` (or 0) for an undesirable one. A pairwise
-            dataset (Pick-a-Pic or TRL-style columns) is unpaired instead, each pair giving one row of each.
+    Args:
+        beta: Scale of the implicit reward `g = r − e` inside the utility, `σ(±β·(g − z₀))`. The authors' code uses the
+            same error scale (means over channels and pixels) and the default 1000. Defaults to `1000.0`.
+        desirable_weight: `λ_D`, the weight of a desirable image's loss. With unbalanced data, choose the weights so
+            that `λ_D·n_D / (λ_U·n_U)` lies in `[1, 4/3]` (the KTO paper's advice; the trainer warns outside it).
+            Defaults to `1.0`.
+        undesirable_weight: `λ_U`, the weight of an undesirable image's loss. Defaults to `1.0`.
+        prompt_column: Prompt column of the unpaired rows. Defaults to `"prompt"`.
+        image_column: Image column of the unpaired rows (TRL's `completion` is accepted when this one is missing).
+            Defaults to `"image"`.
+        desirable_column: Label column: `True` (or 1) for a desirable image, `False` (or 0) for an undesirable one. A
+            pairwise dataset (Pick-a-Pic or TRL-style columns) is unpaired instead, each pair giving one row of each.
+            Defaults to `"label"`.
     """
 
     beta: float = field(default=1000.0, metadata={"help": "Scale of the implicit reward inside the utility."})

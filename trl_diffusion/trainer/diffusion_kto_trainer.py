@@ -14,29 +14,28 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
     """Trainer for Diffusion-KTO (Li et al. 2024, arXiv 2404.04465): alignment from per-image likes and dislikes.
 
     It trains on unpaired rows (prompt, image, desirable) (see `trl_diffusion.unpaired`); a pairwise dataset is
-    unpaired on the way in. Each image has its own noise and timestep, as in the authors' code. The loss is
-    ``L = mean(λ_y·(1 − σ(±β·(g − z₀))))`` with the implicit reward ``g = r − e`` and the KL estimate
-    ``z₀ = max(0, mean g)``, averaged over processes (see [`diffusion_kto_loss`]). With LoRA the reference is the base
-    network with adapters disabled; with full fine-tuning it is a frozen copy.
+    unpaired on the way in. Each image has its own noise and timestep, as in the authors' code. The loss is ``L =
+    mean(λ_y·(1 − σ(±β·(g − z₀))))`` with the implicit reward ``g = r − e`` and the KL estimate ``z₀ = max(0, mean
+    g)``, averaged over processes (see [`diffusion_kto_loss`][]). With LoRA the reference is the base network with
+    adapters disabled; with full fine-tuning it is a frozen copy.
 
     Example:
+        ```python
+        from datasets import load_dataset
+        from peft import LoraConfig
+        from trl_diffusion import DiffusionKTOConfig, DiffusionKTOTrainer
 
-    ```python
-    from datasets import load_dataset
-    from peft import LoraConfig
-    from trl_diffusion import DiffusionKTOConfig, DiffusionKTOTrainer
+        dataset = load_dataset("yuvalkirstain/pickapic_v2", split="train[:1000]")  # unpaired into likes and dislikes
+        trainer = DiffusionKTOTrainer(
+            model="stable-diffusion-v1-5/stable-diffusion-v1-5",
+            args=DiffusionKTOConfig(output_dir="sd15-kto", per_device_train_batch_size=16, max_steps=2000),
+            train_dataset=dataset,
+            peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
+        )
+        trainer.train()
+        ```
 
-    dataset = load_dataset("yuvalkirstain/pickapic_v2", split="train[:1000]")  # unpaired into likes and dislikes
-    trainer = DiffusionKTOTrainer(
-        model="stable-diffusion-v1-5/stable-diffusion-v1-5",
-        args=DiffusionKTOConfig(output_dir="sd15-kto", per_device_train_batch_size=16, max_steps=2000),
-        train_dataset=dataset,
-        peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
-    )
-    trainer.train()
-    ```
-
-    See [`DiffusionPreferenceTrainer`] for the arguments.
+    See [`DiffusionPreferenceTrainer`][] for the arguments.
     """
 
     _tag_names = ["trl", "trl-diffusion", "diffusion-kto"]
@@ -57,7 +56,7 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
     config_class = DiffusionKTOConfig
     args: DiffusionKTOConfig
     dataset_class = UnpairedPreferenceDataset
-    _accuracy_metric = "kto/accuracy"
+    accuracy_metric = "kto/accuracy"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

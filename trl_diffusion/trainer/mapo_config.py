@@ -5,18 +5,15 @@ from .base_config import DiffusionPreferenceConfig
 
 @dataclass
 class MaPOConfig(DiffusionPreferenceConfig):
-    r"""
-    Configuration class for the [`MaPOTrainer`] (Hong et al. 2024, arXiv 2406.06424).
+    """Configuration class for the [`MaPOTrainer`][] (Hong et al. 2024, arXiv 2406.06424).
 
-    Only the parameters specific to MaPO are listed here; see [`DiffusionPreferenceConfig`] for the data and step
-    options and [`~transformers.TrainingArguments`] for the rest.
+    Only the parameters specific to MaPO are listed here; see [`DiffusionPreferenceConfig`][] for the data and step
+    options and `transformers.TrainingArguments` for the rest.
 
-    Parameters:
-        beta (`float`, *optional*, defaults to `0.1`):
-            Weight of the margin term: `L = mean(e_w) − β·mean log σ(T·(f(e_w) − f(e_l)))`. MaPO has no reference
-            model, so this β is not on the DPO scale.
-        mapo_snr_value (`float`, *optional*, defaults to `0.5`):
-            The constant `s` of the likelihood stand-in `f(e) = s·e / (exp(s·e) − 1)`.
+    Args:
+        beta: Weight of the margin term: `L = mean(e_w) − β·mean log σ(T·(f(e_w) − f(e_l)))`. MaPO has no reference
+            model, so this β is not on the DPO scale. Defaults to `0.1`.
+        mapo_snr_value: The constant `s` of the likelihood stand-in `f(e) = s·e / (exp(s·e) − 1)`. Defaults to `0.5`.
     """
 
     beta: float = field(default=0.1, metadata={"help": "Weight of MaPO's margin term."})

@@ -9,10 +9,10 @@ class MaPOTrainer(DiffusionPreferenceTrainer):
     """Trainer for Margin-aware Preference Optimization (Hong et al. 2024, arXiv 2406.06424).
 
     MaPO needs no reference model: none is created, loaded or run, and the denoiser runs once per micro-batch. The loss
-    is ``L = mean(e_w) − β·mean log σ(T·(f(e_w) − f(e_l)))`` with ``f(e) = s·e/(exp(s·e) − 1)`` (see [`mapo_loss`]):
+    is ``L = mean(e_w) − β·mean log σ(T·(f(e_w) − f(e_l)))`` with ``f(e) = s·e/(exp(s·e) − 1)`` (see [`mapo_loss`][]):
     supervised fine-tuning on the chosen images plus a margin between the chosen and rejected likelihoods.
 
-    See [`DiffusionPreferenceTrainer`] for the arguments; `ref_model` is rejected.
+    See [`DiffusionPreferenceTrainer`][] for the arguments; `ref_model` is rejected.
     """
 
     _tag_names = ["trl", "trl-diffusion", "mapo"]
@@ -32,8 +32,8 @@ class MaPOTrainer(DiffusionPreferenceTrainer):
     }
     config_class = MaPOConfig
     args: MaPOConfig
-    _uses_reference = False
-    _accuracy_metric = "mapo/accuracy"
+    uses_reference = False
+    accuracy_metric = "mapo/accuracy"
 
     def preference_loss(self, step, policy_errors):
         policy_chosen, policy_rejected = policy_errors.chunk(2)
