@@ -27,19 +27,18 @@ import torch
 import transformers
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
-from transformers import PrinterCallback
 
 from trl_diffusion import METHODS
 from trl_diffusion.evaluation import PreferenceEvaluation, evaluate_preference, image_grid, summarize
 from trl_diffusion.testing.synthetic import (
     GUIDANCE_SCALE,
     REWARDS,
-    SIZE,
     TRAIN_COLOURS,
     caption,
     get_reward,
     pretrain_base_model,
     self_generated_pairs,
+    train_on_task,
 )
 
 
@@ -71,32 +70,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def train(args: argparse.Namespace, base_path: str, dataset) -> str:
     """Train the chosen method with LoRA on ``dataset``; print its loss and preference accuracy; return the adapter."""
-    trainer_class, config_class = METHODS[args.method]
     method_options = {} if args.method == "mapo" else {"beta": args.beta}
     adapter_path = os.path.join(args.output_dir, f"{args.method}-lora")
-    trainer = trainer_class(
-        model=base_path,
-        args=config_class(
-            output_dir=adapter_path,
-            learning_rate=args.learning_rate,
-            per_device_train_batch_size=16,
-            max_steps=args.max_steps,
-            logging_steps=max(1, args.max_steps // 6),
-            resolution=SIZE,
-            dataloader_num_workers=0,
-            dataloader_pin_memory=False,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=args.seed,
-            **method_options,
-        ),
-        train_dataset=dataset,
+    trainer, _ = train_on_task(
+        args.method,
+        base_path,
+        dataset,
+        adapter_path,
+        batch_size=16,
+        max_steps=args.max_steps,
+        learning_rate=args.learning_rate,
+        seed=args.seed,
         peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian", target_modules=LORA_TARGETS),
+        num_logs=6,
+        print_logs=False,  # the demo prints its own table of the logged loss and accuracy
+        dataloader_pin_memory=False,
+        **method_options,
     )
-    trainer.remove_callback(PrinterCallback)  # the demo prints its own table of the logged loss and accuracy
-    trainer.train()
-    trainer.save_model()
     accuracy_key = trainer.accuracy_metric
     print(f"      step   loss    {accuracy_key}")
     for entry in trainer.state.log_history:

@@ -223,7 +223,15 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     return TrlParser(dataclass_types, prog=prog)
 
 
+def cli_main(argv: list[str] | None = None):
+    """Parse ``argv`` (the command line when `None`) as the script's command line and run it: generates the pairs.
+
+    Tests and other programs call this rather than copy the ``__main__`` block. Returns the `PreferencePairs`.
+    """
+    from trl_diffusion.scripts.utils import run_script
+
+    return run_script(make_parser, main, argv)
+
+
 if __name__ == "__main__":
-    parser = make_parser()
-    pairs_args, model_args = parser.parse_args_and_config(fail_with_unknown_args=False)
-    main(pairs_args, model_args)
+    cli_main()

@@ -151,3 +151,18 @@ def run_training(trainer_class, script_args, training_args, model_args):
         trainer.accelerator.print(f"Model pushed to https://huggingface.co/{trainer.hub_model_id}.")
     trainer.end()  # finish the trackers and destroy the process group
     return trainer
+
+
+def run_script(make_parser, main, argv: list[str] | None = None):
+    """Parse ``argv`` (the command line when `None`) as a script does, flags and a YAML ``--config`` (arguments it
+    does not know are left for `accelerate launch`), and call the script's ``main`` with the parsed dataclasses.
+
+    Args:
+        make_parser: The script's ``make_parser``.
+        main: The script's ``main``, called with the parsed dataclasses in the parser's order.
+        argv: The arguments, without the program name.
+
+    Returns:
+        What ``main`` returns (the trainer of a training script).
+    """
+    return main(*make_parser().parse_args_and_config(argv, fail_with_unknown_args=False))
