@@ -24,9 +24,14 @@ class FamilyOptions:
         max_sequence_length: prompt tokens of the T5/chat encoders (``None``: the family's default).
         pretrained_vae_model_name_or_path: SDXL's replacement VAE.
         upcast_vae: SDXL: run the VAE in float32 (``None``: unless a replacement VAE is given).
-        num_frames, video_size: video families' clip length and frame size.
-        weighting_scheme, logit_mean, logit_std, mode_scale: flow matching's noise-level density.
-        flow_loss_weighting, epsilon_equivalent_errors: flow matching's error weights.
+        num_frames: video families' frames per clip (``None``: the family's default).
+        video_size: video families' ``(height, width)`` (``None``: ``resolution`` squared).
+        weighting_scheme: flow matching's noise-level density.
+        logit_mean: mean of the ``logit_normal`` density.
+        logit_std: standard deviation of the ``logit_normal`` density.
+        mode_scale: scale of the ``mode`` density.
+        flow_loss_weighting: flow matching's weight of the velocity errors.
+        epsilon_equivalent_errors: weight velocity errors by ``(1 − σ)²``.
         guidance_scale: the guidance embedding of guidance-distilled transformers.
         resolution_shift: shift flow-matching noise levels for the resolution (``None``: the family's default).
     """

@@ -96,7 +96,7 @@ def processes_of(accelerator) -> ProcessGroup:
     return ProcessGroup(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
 
 
-def encoders_of(trainer) -> Encoders:
+def encoders_of(trainer: "DiffusionPreferenceTrainer") -> Encoders:
     """The trainer's family encoders and what identifies them (family, pipeline, model, revision, options)."""
     family = trainer.family
     identity = {
@@ -122,7 +122,7 @@ def cache_options_of(args, dataset: PreferenceDataset) -> CacheOptions:
     )
 
 
-def reference_errors_key(trainer, mode: str) -> dict[str, Any]:
+def reference_errors_key(trainer: "DiffusionPreferenceTrainer", mode: str) -> dict[str, Any]:
     """Everything stored reference errors depend on besides the encodings: the reference's weights, the seed and
     fixed step of the noise, the compute dtype, the family's options, caption dropout and the scheduler."""
     reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
@@ -143,7 +143,10 @@ def reference_errors_key(trainer, mode: str) -> dict[str, Any]:
 
 
 def reference_errors_function(
-    trainer, dataset: EncodedPreferenceDataset, mode: str, prepare_inputs: Callable[[dict], dict]
+    trainer: "DiffusionPreferenceTrainer",
+    dataset: EncodedPreferenceDataset,
+    mode: str,
+    prepare_inputs: Callable[[dict], dict],
 ) -> Callable[[list[int]], torch.Tensor]:
     """Pair indices of ``dataset`` to their ``(B, k)`` reference errors, exactly as the live reference's step."""
 
