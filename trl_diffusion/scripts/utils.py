@@ -2,7 +2,9 @@
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from trl import ScriptArguments, TrlParser
 
@@ -153,7 +155,7 @@ def run_training(trainer_class, script_args, training_args, model_args):
     return trainer
 
 
-def run_script(make_parser, main, argv: list[str] | None = None):
+def run_script(make_parser: Callable[[], TrlParser], main: Callable[..., Any], argv: list[str] | None = None) -> Any:
     """Parse ``argv`` (the command line when `None`) as a script does, flags and a YAML ``--config`` (arguments it
     does not know are left for `accelerate launch`), and call the script's ``main`` with the parsed dataclasses.
 
