@@ -37,7 +37,6 @@ import json
 import math
 import os
 import platform
-import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -46,16 +45,16 @@ import diffusers
 import numpy as np
 import torch
 import transformers
+from common import command_line, rows_per_pair, write_section
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
 
 import trl_diffusion
-from trl_diffusion import METHODS, UnpairedPreferenceDataset
+from trl_diffusion import METHODS
 from trl_diffusion.evaluation import generate_images, saturation_scorer, summarize
 from trl_diffusion.testing.synthetic import (
     GUIDANCE_SCALE,
     HELD_OUT_COLOURS,
-    SIZE,
     TRAIN_COLOURS,
     caption,
     flip_labels,
@@ -63,6 +62,7 @@ from trl_diffusion.testing.synthetic import (
     mismatched_pairs,
     pretrain_base_model,
     self_generated_pairs,
+    train_on_task,
 )
 
 
@@ -146,35 +146,21 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train(arm: Arm, base_path: str, dataset, output_dir: str, args, seed: int, full: bool = False):
-    """Train one arm at the shared budget (LoRA, or the full UNet with ``full``); return the trainer."""
-    trainer_class, config_class = METHODS[arm.method]
-    # An unpaired method (Diffusion-KTO) reads each pair as two rows: twice the rows is the same images per step.
-    rows_per_pair = 2 if issubclass(trainer_class.dataset_class, UnpairedPreferenceDataset) else 1
-    trainer = trainer_class(
-        model=base_path,
-        args=config_class(
-            output_dir=output_dir,
-            per_device_train_batch_size=args.batch_size * rows_per_pair,
-            max_steps=args.max_steps,
-            learning_rate=args.mismatch_learning_rate if full else args.learning_rate,
-            resolution=SIZE,
-            random_flip=True,
-            logging_steps=max(1, args.max_steps // 10),
-            dataloader_num_workers=0,
-            save_strategy="no",
-            report_to="none",
-            disable_tqdm=True,
-            seed=seed,
-            **arm.settings,
-        ),
-        train_dataset=dataset,
+    """Train one arm at the shared budget (LoRA, or the full UNet with ``full``); return the trainer and its seconds
+    per step. An unpaired method (Diffusion-KTO) reads each pair as two rows: twice the rows, the same images."""
+    return train_on_task(
+        arm.method,
+        base_path,
+        dataset,
+        output_dir,
+        batch_size=args.batch_size * rows_per_pair(arm.method),
+        max_steps=args.max_steps,
+        learning_rate=args.mismatch_learning_rate if full else args.learning_rate,
+        seed=seed,
         peft_config=None if full else LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
+        random_flip=True,
+        **arm.settings,
     )
-    start = time.perf_counter()
-    trainer.train()
-    seconds_per_step = (time.perf_counter() - start) / args.max_steps
-    trainer.save_model()
-    return trainer, seconds_per_step
 
 
 class Evaluator:
@@ -290,7 +276,7 @@ def run(args) -> list[dict]:
         os.remove(records_path)
     done = {(r["experiment"], r["arm"], r["flip_rate"], r["seed"]) for r in records}
     with open(os.path.join(args.output_dir, "command.txt"), "w") as f:
-        f.write("python benchmarks/efficacy.py " + shlex.join([a for a in args.argv if a != "--resume"]))
+        f.write(command_line("efficacy.py", [a for a in args.argv if a != "--resume"]))
     # The VAE also learns framed pictures, for the reference-mismatch experiment (see `pretrain_base_model`).
     base_path = pretrain_base_model(
         os.path.join(args.output_dir, "base-model"), steps=args.pretrain_steps, framed_fraction=0.5
@@ -452,7 +438,7 @@ def mismatch_and_speed_tables(records) -> list[str]:
 def write_results(records: list[dict], args, argv: list[str], elapsed: float | None) -> str:
     with open(os.path.join(args.output_dir, "efficacy.json"), "w") as f:
         json.dump(records, f, indent=1)
-    command = "python benchmarks/efficacy.py " + shlex.join(argv)
+    command = command_line("efficacy.py", argv)
     command_file = os.path.join(args.output_dir, "command.txt")
     if elapsed is None and os.path.exists(command_file):  # summarising: name the run that made the records
         command = open(command_file).read().strip()
@@ -480,13 +466,7 @@ def write_results(records: list[dict], args, argv: list[str], elapsed: float | N
         ]
     )
     if args.results:
-        text = open(args.results).read() if os.path.exists(args.results) else "# Benchmark results\n"
-        if START in text and END in text:
-            text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
-        with open(args.results, "w") as f:
-            f.write(text)
+        write_section(args.results, section, START, END)
     return section
 
 

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import platform
-import shlex
 import sys
 import time
 
@@ -35,20 +34,20 @@ import diffusers
 import numpy as np
 import torch
 import transformers
+from common import command_line, write_section
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from peft import LoraConfig
 
 import trl_diffusion
-from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
 from trl_diffusion.evaluation import generate_images, saturation_scorer, win_rate
 from trl_diffusion.testing.synthetic import (
     HUES,
-    SIZE,
     TRAIN_COLOURS,
     caption,
     pretrain_base_model,
     render_squares,
     self_generated_pairs,
+    train_on_task,
 )
 
 
@@ -119,30 +118,20 @@ def data_error(pipeline: StableDiffusionPipeline, num_images: int = 256, seed: i
 
 def train(base_path: str, dataset, output_dir: str, args, seed: int, guard: str) -> tuple[str, dict]:
     """Train Diffusion-DPO with LoRA and one guard (or none); return the adapter folder and the training record."""
-    config = DiffusionDPOConfig(
-        output_dir=output_dir,
-        per_device_train_batch_size=args.batch_size,
+    trainer, _ = train_on_task(
+        "dpo",
+        base_path,
+        dataset,
+        output_dir,
+        batch_size=args.batch_size,
         max_steps=args.max_steps,
         learning_rate=args.learning_rate,
-        beta=args.beta,
-        resolution=SIZE,
-        random_flip=True,
-        logging_steps=max(1, args.max_steps // 10),
-        dataloader_num_workers=0,
-        save_strategy="no",
-        report_to="none",
-        disable_tqdm=True,
         seed=seed,
+        peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
+        beta=args.beta,
+        random_flip=True,
         **GUARDS[guard],
     )
-    trainer = DiffusionDPOTrainer(
-        model=base_path,
-        args=config,
-        train_dataset=dataset,
-        peft_config=LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
-    )
-    trainer.train()
-    trainer.save_model()
     logs = [log for log in trainer.state.log_history if "mse/policy_chosen" in log]
     (warnings,) = [callback for callback in trainer.callback_handler.callbacks if hasattr(callback, "warned")]
     record = {
@@ -199,7 +188,7 @@ def run(args) -> list[dict]:
 
 
 def markdown(records: list[dict], args, minutes: float) -> str:
-    command = "python " + " ".join(shlex.quote(a) for a in ["benchmarks/guards.py", *sys.argv[1:]])
+    command = command_line("guards.py", sys.argv[1:])
     names = {"none": "no guard", "sft": f"sft_weight={args.sft_weight:g}", "cap": f"max_margin={args.max_margin:g}"}
     lines = [
         START,
@@ -241,16 +230,6 @@ def markdown(records: list[dict], args, minutes: float) -> str:
     return "\n".join(lines)
 
 
-def write_results(path: str, section: str) -> None:
-    text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    if START in text and END in text:
-        text = text[: text.index(START)] + section + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    with open(path, "w") as f:
-        f.write(text)
-
-
 def main(argv=None) -> None:
     torch.set_num_threads(1)
     logging.getLogger("diffusers").setLevel(logging.ERROR)
@@ -262,7 +241,7 @@ def main(argv=None) -> None:
     section = markdown(records, args, (time.time() - start) / 60)
     print(section)
     if args.results:
-        write_results(args.results, section)
+        write_section(args.results, section, START, END)
 
 
 if __name__ == "__main__":

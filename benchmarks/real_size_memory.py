@@ -23,9 +23,9 @@ CUDA workspaces come on top (budget 10-15%).
 
 import argparse
 import math
-from contextlib import contextmanager
 
 import torch
+from common import count_parameters, fused_attention
 from peft import LoraConfig, inject_adapter_in_model
 
 
@@ -103,38 +103,6 @@ def build(library, class_name: str, config: dict):
         return getattr(diffusers, class_name)(**config)
 
 
-def count(module: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
-
-
-class _FlashLikeAttention(torch.autograd.Function):
-    """Stand-in for a flash/memory-efficient SDPA kernel: saves its inputs and output, as those kernels do."""
-
-    @staticmethod
-    def forward(ctx, query, key, value):
-        output = query.new_empty(*query.shape[:-1], value.shape[-1])
-        ctx.save_for_backward(query, key, value, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad):
-        raise NotImplementedError
-
-
-@contextmanager
-def flash_like_sdpa():
-    original = torch.nn.functional.scaled_dot_product_attention
-
-    def sdpa(query, key, value, *args, **kwargs):
-        return _FlashLikeAttention.apply(query, key, value)
-
-    torch.nn.functional.scaled_dot_product_attention = sdpa
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-
-
 def denoiser_inputs(name: str, denoiser, resolution: int, batch: int = 2) -> tuple[tuple, dict]:
     """Meta inputs of one training forward pass, as the families build them."""
     side = resolution // 16  # VAE x8, 2x2 patches
@@ -192,7 +160,7 @@ def saved_activations(denoiser, args: tuple, kwargs: dict) -> dict[str, int]:
     for block in blocks_of(denoiser):
         hooks.append(block.register_forward_pre_hook(before, with_kwargs=True))
         hooks.append(block.register_forward_hook(lambda module, inputs, output: marks.append(total())))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), flash_like_sdpa():
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), fused_attention(log_sum_exp=False):
         denoiser(*args, **kwargs, return_dict=False)
     for hook in hooks:
         hook.remove()
@@ -203,7 +171,7 @@ def saved_activations(denoiser, args: tuple, kwargs: dict) -> dict[str, int]:
 def estimate(name: str, resolution: int, lora_rank: int) -> dict:
     class_name, config = DENOISERS[name]
     denoiser = build("diffusers", class_name, config).to(torch.bfloat16).requires_grad_(False)
-    denoiser_params = count(denoiser)
+    denoiser_params = count_parameters(denoiser)
     lora = LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS[name])
     denoiser = inject_adapter_in_model(lora, denoiser, low_cpu_mem_usage=True)
     adapters = [parameter for key, parameter in denoiser.named_parameters() if "lora_" in key]
@@ -218,8 +186,8 @@ def estimate(name: str, resolution: int, lora_rank: int) -> dict:
     # Checkpointing keeps each block's inputs and what is saved outside the blocks (embedders, final layer)
     kept = saved["total"] - saved["blocks"] + saved["block_inputs"]
     text_class, text_config = TEXT_ENCODERS[name]
-    text_params = count(build("transformers", text_class, text_config))
-    vae_params = count(build("diffusers", *VAES[name]))
+    text_params = count_parameters(build("transformers", text_class, text_config))
+    vae_params = count_parameters(build("diffusers", *VAES[name]))
     weights = 2 * (denoiser_params + text_params + vae_params) + 16 * lora_params
     return {
         "family": name,

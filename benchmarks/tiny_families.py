@@ -14,12 +14,11 @@ lr 3e-3, ``beta`` 300) on the bundled tiny Pick-a-Pic set, then 256 (pair, σ) d
 import argparse
 import statistics
 import tempfile
-import time
 
 import torch
+from common import StepTimer
 from datasets import load_dataset
 from peft import LoraConfig
-from transformers import TrainerCallback
 
 from trl_diffusion import METHODS
 from trl_diffusion.model_config import resolve_model_path
@@ -27,17 +26,6 @@ from trl_diffusion.model_config import resolve_model_path
 
 DATASET = "examples/data/pickapic_tiny"
 BETAS = {"dpo": 2500.0, "mapo": 0.1, "adaptive": 1000.0, "kto": 1000.0}
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self.start = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def make_trainer(method: str, path: str, output_dir: str, **overrides):

@@ -17,22 +17,19 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
-import time
 
 import torch
+from common import StepTimer
 from datasets import load_dataset
 from peft import LoraConfig
-from transformers import TrainerCallback
+
+from trl_diffusion import METHODS
+from trl_diffusion.models.flow_matching import shift_sigmas, sigmas_from_uniform
+from trl_diffusion.testing.tiny_models import build_tiny_wan
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
-
-from trl_diffusion import METHODS  # noqa: E402
-from trl_diffusion.models.flow_matching import shift_sigmas, sigmas_from_uniform  # noqa: E402
-from trl_diffusion.testing.tiny_models import build_tiny_wan  # noqa: E402
 
 
 DATASET = os.path.join(REPO, "examples", "data", "video_pairs_tiny")
@@ -110,17 +107,6 @@ def _draw_ratios(trainer, num_draws: int) -> tuple[float, float]:
     error_ratio = torch.cat(epsilon).mean() / torch.cat(velocity).mean()
     margin_ratio = torch.cat(margins_e).abs().mean() / torch.cat(margins_v).abs().mean()
     return float(error_ratio), float(margin_ratio)
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self.start = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self.start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self.start)
 
 
 def step_times(model: str, output_dir: str, num_steps: int = 8) -> dict[str, float]:

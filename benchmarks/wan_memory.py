@@ -23,10 +23,10 @@ the VAE and text encoder's own activations (with the encoding cache they never r
 
 import argparse
 import json
-from contextlib import contextmanager
 
 import torch
 from accelerate import init_empty_weights
+from common import count_parameters, fused_attention
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from peft import LoraConfig
 from transformers import UMT5Config, UMT5EncoderModel
@@ -102,39 +102,6 @@ TEXT_TOKENS = 512
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 
 
-def num_parameters(module: torch.nn.Module) -> int:
-    return sum(parameter.numel() for parameter in module.parameters())
-
-
-class _FusedAttention(torch.autograd.Function):
-    """Scaled dot-product attention whose saved tensors are a fused kernel's: q, k, v, out and the log-sum-exp."""
-
-    @staticmethod
-    def forward(ctx, query, key, value):
-        output = torch.empty_like(query)
-        ctx.save_for_backward(query, key, value, output, query.new_empty(query.shape[:-1], dtype=torch.float32))
-        return output
-
-    @staticmethod
-    def backward(ctx, grad):
-        query, key, value, *_ = ctx.saved_tensors
-        return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value)
-
-
-@contextmanager
-def fused_attention():
-    original = torch.nn.functional.scaled_dot_product_attention
-
-    def attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-        return _FusedAttention.apply(query, key, value)
-
-    torch.nn.functional.scaled_dot_product_attention = attention
-    try:
-        yield
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = original
-
-
 def saved_activation_bytes(transformer, latents, text, per_token_timesteps: bool) -> tuple[int, list[int], int]:
     """``(total, per-block, block input size)`` of the bytes autograd saves in one forward pass (parameters and
     their views excluded)."""
@@ -166,7 +133,7 @@ def saved_activation_bytes(transformer, latents, text, per_token_timesteps: bool
     timestep = torch.full((latents.shape[0], tokens) if per_token_timesteps else (latents.shape[0],), 500.0)
     timestep = timestep.to("meta")
     try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), fused_attention():
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), fused_attention(log_sum_exp=True):
             transformer(hidden_states=latents, timestep=timestep, encoder_hidden_states=text, return_dict=False)
     finally:
         for handle in handles:
@@ -182,8 +149,8 @@ def estimate(name: str, lora_rank: int = 32) -> dict:
         transformer = WanTransformer3DModel(**transformer_config, **layers).to(torch.bfloat16)
         text_encoder = UMT5EncoderModel(UMT5Config(**UMT5_XXL))
         vae = AutoencoderKLWan(**vae_config)
-    counts = {"transformer": num_parameters(transformer), "text_encoder": num_parameters(text_encoder)}
-    counts["vae"] = num_parameters(vae)
+    counts = {"transformer": count_parameters(transformer), "text_encoder": count_parameters(text_encoder)}
+    counts["vae"] = count_parameters(vae)
     transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_rank, target_modules=LORA_TARGETS))
     lora = sum(parameter.numel() for name_, parameter in transformer.named_parameters() if "lora_" in name_)
     trainable = sum(parameter.numel() for parameter in transformer.parameters() if parameter.requires_grad)

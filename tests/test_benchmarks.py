@@ -3,22 +3,27 @@
 import importlib.util
 import json
 import os
+import sys
 
 import pytest
 
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = os.path.join(HERE, "..", "benchmarks")
 
 
-def load_speed_benchmark():
-    spec = importlib.util.spec_from_file_location("speed", os.path.join(HERE, "..", "benchmarks", "speed.py"))
+def load_benchmark(name: str):
+    """The benchmark script ``benchmarks/<name>.py`` as a module (with ``benchmarks/`` importable, as when run)."""
+    if BENCHMARKS not in sys.path:
+        sys.path.insert(0, BENCHMARKS)
+    spec = importlib.util.spec_from_file_location(name, os.path.join(BENCHMARKS, f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 def test_speed_benchmark_tiny_smoke(tmp_path):
-    speed = load_speed_benchmark()
+    speed = load_benchmark("speed")
     results, output = tmp_path / "RESULTS.md", tmp_path / "speed.json"
     argv = ["--size", "tiny", "--steps", "1", "--warmup", "1", "--batch", "1", "--configurations", "dpo-lora"]
     argv += ["--in-process", "--threads", "1", "--num-workers", "0", "--model-dir", str(tmp_path / "model")]
@@ -43,13 +48,6 @@ def test_speed_benchmark_tiny_smoke(tmp_path):
     table = results.read_text()
     assert "| dpo | lora |" in table and "Command: `python benchmarks/speed.py --size tiny" in table
     assert "torch " in table and "diffusers " in table
-
-
-def load_benchmark(name: str):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(HERE, "..", "benchmarks", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_flow_error_scale_reproduces_the_documented_ratios():

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 import yaml
-from datasets import load_dataset
+from datasets import IterableDataset, load_dataset
 from helpers.runs import REPO, TINY_DATASET, TINY_YAML, run, run_in_process, tiny_args
 from huggingface_hub import ModelCard
 
@@ -158,8 +158,14 @@ def test_dataset_loading_accepts_folders_files_and_saved_datasets(tmp_path):
     assert len(select_split(folder, "train[:10]")) == 10 and len(select_split(folder, "train[40:]")) == 8
     with pytest.raises(ValueError, match="no split"):
         select_split(folder, "validation")
-    with pytest.raises(ValueError, match="streaming"):
-        load_preference_dataset(ScriptArguments(dataset_name=TINY_DATASET, dataset_streaming=True))
+    mapped = {TINY_DATASET: folder, str(tmp_path / "saved"): saved}
+    for name, dataset in mapped.items():  # streamed by load_dataset; a saved dataset as a one-shard stream
+        streamed = load_preference_dataset(ScriptArguments(dataset_name=name, dataset_streaming=True))
+        assert isinstance(streamed["train"], IterableDataset)
+        captions = [row["caption"] for row in select_split(streamed, "train[2:5]")]
+        assert captions == dataset["train"]["caption"][2:5]
+    with pytest.raises(ValueError, match="cannot count from its end"):
+        select_split(streamed, "train[-4:]")
 
 
 NEW_FAMILY_YAMLS = [

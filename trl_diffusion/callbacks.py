@@ -7,8 +7,8 @@
   `trl_diffusion.nonfinite`).
 - [`AnnotatorEMACallback`][]: updates Adaptive-DPO's EMA annotators after each optimizer step.
 
-The two image callbacks share ``PolicyImagesCallback``: one schedule, one way to generate from the weights in
-training (``generating_with_policy``) and one way to send images to the trackers (``log_images``).
+The two image callbacks share [`PolicyImagesCallback`][]: one schedule, one way to generate from the weights in
+training ([`generating_with_policy`][]) and one way to send images to the trackers ([`log_images`][]).
 """
 
 import json
@@ -121,7 +121,7 @@ def log_images(
 class PolicyImagesCallback(TrainerCallback):
     """Run a round of images from the policy every ``every_n_steps`` optimizer steps and at the end of training.
 
-    Subclasses implement ``run``. ``every_n_steps = 0`` runs only at the end of training; the end-of-training round
+    Subclasses implement [`run`][]. ``every_n_steps = 0`` runs only at the end of training; the end-of-training round
     is skipped when the last step already had one.
 
     Args:
@@ -159,7 +159,7 @@ class ValidationImagesCallback(PolicyImagesCallback):
 
     The images are made with the trainer's own pipeline (the denoiser being trained, LoRA adapters active), one seeded
     generator per prompt so successive rounds are comparable. Each round is logged to TensorBoard and Weights & Biases
-    where they are active (``log_images``, tag ``validation``), and the latest images are saved as
+    where they are active ([`log_images`][], tag ``validation``), and the latest images are saved as
     ``output_dir/images/validation_{i}.png`` with ``images/widget.json`` (prompt and file of each), which the model
     card turns into its ``widget`` metadata and `push_to_hub` uploads with the weights. Every process generates (a
     sharded denoiser needs all of them); only the main process writes.
@@ -238,13 +238,13 @@ class EvaluationCallback(PolicyImagesCallback):
     weights, whatever the method); tuned images are generated with the same prompts and seeds from the current
     weights. The win rate, mean score difference and its interval are logged through `Trainer.log` (so every
     tracker receives them) as ``preference_eval/...``, and a base-versus-tuned image grid goes to TensorBoard and
-    Weights & Biases where they are active (``log_images``, tag ``preference_eval/base_vs_tuned``).
+    Weights & Biases where they are active ([`log_images`][], tag ``preference_eval/base_vs_tuned``).
 
     Args:
         trainer: the trl_diffusion trainer to watch (its ``family.pipeline`` generates the images).
-        prompts: evaluation prompts, as for `trl_diffusion.evaluation.evaluate_preference`.
+        prompts: evaluation prompts, as for [`evaluate_preference`][trl_diffusion.evaluation.evaluate_preference].
         scorer: ``scorer(images, prompts) -> scores``, as for
-            `trl_diffusion.evaluation.evaluate_preference`.
+            [`evaluate_preference`][trl_diffusion.evaluation.evaluate_preference].
         seeds: the seeds of every prompt's images, the same for the base and the tuned model.
         eval_every_steps: optimizer steps between evaluations; it also runs at the end of training.
         max_grid_images: images per row in the logged grid.
@@ -403,7 +403,7 @@ class NonFiniteGuard(TrainerCallback):
     """Stop (or skip) an optimizer step whose loss, errors or gradients are not finite; refuse non-finite saves.
 
     Args:
-        trainer: the [`DiffusionPreferenceTrainer`][trl_diffusion.DiffusionPreferenceTrainer] it guards.
+        trainer: the [`DiffusionPreferenceTrainer`][] it guards.
         max_skipped_steps: optimizer steps that may be skipped before training stops (``skip_nonfinite_steps``).
     """
 
@@ -489,8 +489,7 @@ class NonFiniteGuard(TrainerCallback):
     # ----- saving -----
 
     def check_weights(self, output_dir: str | None) -> None:
-        """Raise [`NonFiniteError`][trl_diffusion.nonfinite.NonFiniteError] instead of saving weights that are not
-        all finite (all processes agree)."""
+        """Raise [`NonFiniteError`][] instead of saving weights that are not all finite (all processes agree)."""
         trainer = self.trainer
         parameters = [p for p in trainer.model.parameters() if p.requires_grad]
         finite = all_finite([getattr(p, "ds_tensor", p) for p in parameters]).to(trainer.accelerator.device)
@@ -514,7 +513,7 @@ class NonFiniteGuard(TrainerCallback):
         """The micro-batch loss the Trainer adds to its running total: 0 where it is not finite (no host sync).
 
         A NaN in the Trainer's running total would make every later logged loss NaN; transformers' own filter would
-        log the first step of a window as 0. ``update_logs`` divides by the finite micro-batches only.
+        log the first step of a window as 0. [`update_logs`][] divides by the finite micro-batches only.
         """
         finite = torch.isfinite(loss)
         self._window_micro_batches += 1
@@ -540,7 +539,7 @@ class AnnotatorEMACallback(TrainerCallback):
     """Adaptive-DPO's EMA annotators: update them after every optimizer step, and write the buffered minority scores.
 
     Args:
-        trainer: the [`AdaptiveDPOTrainer`][trl_diffusion.AdaptiveDPOTrainer] whose public ``pair_annotators``, ``update_annotators`` and
+        trainer: the [`AdaptiveDPOTrainer`][] whose public ``pair_annotators``, ``update_annotators`` and
             ``flush_minority_scores`` it calls.
     """
 

@@ -34,6 +34,7 @@ from .testing.synthetic import (
     square_mask,
     text_of_empty_prompt,
     texture_scorer,
+    train_on_task,
 )
 
 
@@ -67,4 +68,5 @@ __all__ = [
     "square_mask",
     "text_of_empty_prompt",
     "texture_scorer",
+    "train_on_task",
 ]

@@ -6,18 +6,17 @@ import subprocess
 import sys
 
 import torch
+from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from trl_diffusion.scripts.cli import COMMAND_ALIASES, COMMANDS
+from trl_diffusion.scripts.cli import COMMANDS, resolve_command, script_path
+from trl_diffusion.trainer.base_trainer import LORA_WEIGHT_NAME
 
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TINY_YAML = os.path.join(REPO, "examples", "scripts", "sd15_dpo_tiny.yaml")
 TINY_DATASET = os.path.join(REPO, "examples", "data", "pickapic_tiny")
 SHIM = os.path.join(REPO, "tests", "helpers", "cpu_engine_shim.py")
-# CLI command -> script module, as the `trl-diffusion` command maps them
-SCRIPTS = {command: module for command, (module, _) in COMMANDS.items()}
-SCRIPTS.update({alias: SCRIPTS[command] for alias, command in COMMAND_ALIASES.items()})
 
 # Plain SGD: Adam normalises each update, so a gradient off by a constant factor (a wrong average over processes)
 # would still give nearly the same weights. With SGD the weights are proportional to the summed gradients.
@@ -27,20 +26,16 @@ STRICT = [
 ]  # fmt: skip
 
 
-def script_path(command: str) -> str:
-    return os.path.join(REPO, "trl_diffusion", "scripts", f"{SCRIPTS[command]}.py")
-
-
 def tiny_args(output_dir, *overrides: str) -> list[str]:
     """Arguments of a script run on the tiny YAML, writing to ``output_dir``."""
     return ["--config", TINY_YAML, "--dataset_name", TINY_DATASET, "--output_dir", str(output_dir), *overrides]
 
 
 def run_in_process(command: str, args: list[str]):
-    """Parse ``args`` as the script does (YAML + flags) and call its ``main``; return the trainer."""
-    module = importlib.import_module(f"trl_diffusion.scripts.{SCRIPTS[command]}")
-    parsed = module.make_parser().parse_args_and_config(args, fail_with_unknown_args=False)
-    return module.main(*parsed)
+    """Run the script of the `trl-diffusion` ``command`` in this process, through its ``cli_main``; return the
+    trainer."""
+    module_name, _ = COMMANDS[resolve_command(command)]
+    return importlib.import_module(f"trl_diffusion.scripts.{module_name}").cli_main(args)
 
 
 def subprocess_env(cache_dir) -> dict[str, str]:
@@ -73,7 +68,7 @@ def accelerate_launch(launch_args: list[str], command: str, args: list[str], cac
 
 
 def load_weights(output_dir) -> dict[str, torch.Tensor]:
-    for name in ("pytorch_lora_weights.safetensors", "diffusion_pytorch_model.safetensors"):
+    for name in (LORA_WEIGHT_NAME, SAFETENSORS_WEIGHTS_NAME):
         path = os.path.join(output_dir, name)
         if os.path.isfile(path):
             return load_file(path)

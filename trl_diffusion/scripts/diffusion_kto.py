@@ -5,8 +5,8 @@ Diffusion-KTO (Li et al. 2024) on unpaired rows (prompt, image, label), or on a 
 ```bash
 accelerate launch --config_file multi_gpu.yaml trl_diffusion/scripts/diffusion_kto.py \
     --model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
-    --dataset_name yuvalkirstain/pickapic_v2 \
-    --dataset_train_split "train[:100000]" \
+    --dataset_name data-is-better-together/open-image-preferences-v1-binarized \
+    --dataset_train_split train \
     --use_peft --lora_r 8 --lora_alpha 8 \
     --beta 1000 \
     --learning_rate 1e-5 \
@@ -38,7 +38,15 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     return make_script_parser(DiffusionKTOConfig, "kto", "Run Diffusion-KTO training", subparsers, prog)
 
 
+def cli_main(argv: list[str] | None = None):
+    """Parse ``argv`` (the command line when `None`) as the script's command line and run it: trains Diffusion-KTO.
+
+    Tests and other programs call this rather than copy the ``__main__`` block. Returns the trainer.
+    """
+    from trl_diffusion.scripts.utils import run_script
+
+    return run_script(make_parser, main, argv)
+
+
 if __name__ == "__main__":
-    parser = make_parser()
-    script_args, training_args, model_args = parser.parse_args_and_config(fail_with_unknown_args=False)
-    main(script_args, training_args, model_args)
+    cli_main()

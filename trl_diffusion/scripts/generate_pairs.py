@@ -5,7 +5,7 @@ On-policy preference pairs: sample a pipeline N times per prompt, score the imag
 ```bash
 trl-diffusion generate-pairs --accelerate_config multi_gpu --num_processes 8 \
     --model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --dtype bfloat16 \
-    --dataset_name yuvalkirstain/pickapic_v2 --dataset_split "validation_unique" --prompt_column caption \
+    --dataset_name pickapic-anonymous/pickapic_v1 --dataset_split "validation_unique" --prompt_column caption \
     --scorer pickscore --images_per_prompt 4 --min_reward_gap 0.5 \
     --num_inference_steps 30 --output_dir sdxl-pickscore-pairs \
     --push_to_hub --hub_dataset_id me/sdxl-pickscore-pairs
@@ -223,7 +223,15 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     return TrlParser(dataclass_types, prog=prog)
 
 
+def cli_main(argv: list[str] | None = None):
+    """Parse ``argv`` (the command line when `None`) as the script's command line and run it: generates the pairs.
+
+    Tests and other programs call this rather than copy the ``__main__`` block. Returns the `PreferencePairs`.
+    """
+    from trl_diffusion.scripts.utils import run_script
+
+    return run_script(make_parser, main, argv)
+
+
 if __name__ == "__main__":
-    parser = make_parser()
-    pairs_args, model_args = parser.parse_args_and_config(fail_with_unknown_args=False)
-    main(pairs_args, model_args)
+    cli_main()

@@ -6,22 +6,27 @@ saturation, brightness, size and position, the background's brightness and the a
 Stable Diffusion model pre-trained on these images follows its prompt loosely and reproduces that spread, so a
 preference for any simple image property can be learned from pairs it generates itself, labelled by a true reward that
 no prompt mentions (as the MaPO paper built Pick-Style). [`REWARDS`][] names the rule-based rewards this module offers;
-[`self_generated_pairs`][] takes any ``scorer(images, prompts) -> scores``. The demo (`make demo`) and the efficacy
-benchmark (`benchmarks/efficacy.py`) use this module.
+[`self_generated_pairs`][] takes any ``scorer(images, prompts) -> scores``; [`train_on_task`][] trains a method on them
+with the task's settings. The demo (`make demo`) and the efficacy and guard benchmarks (`benchmarks/efficacy.py`,
+`benchmarks/guards.py`) use this module.
 """
 
 import json
 import os
+import time
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from peft import LoraConfig
 from PIL import Image
+from transformers import PrinterCallback
 
 from ..data import encode_png
 from ..evaluation import Scorer, generate_paired, saturation_scorer
+from ..trainer import METHODS, DiffusionPreferenceTrainer
 from .tiny_models import build_tiny_stable_diffusion
 
 
@@ -402,3 +407,58 @@ def mismatched_pairs(
             "prompt": captions,
         }
     )
+
+
+# ----- training on the task -----
+
+
+def train_on_task(
+    method: str,
+    base_path: str,
+    dataset: Dataset,
+    output_dir: str,
+    *,
+    batch_size: int,
+    max_steps: int,
+    learning_rate: float,
+    seed: int,
+    peft_config: LoraConfig | None = None,
+    num_logs: int = 10,
+    print_logs: bool = True,
+    **settings,
+) -> tuple[DiffusionPreferenceTrainer, float]:
+    """Train ``method`` (a key of `trl_diffusion.METHODS`) from the base model at ``base_path`` on ``dataset`` with
+    the task's settings, and save the result (the LoRA adapter with ``peft_config``, else the model) to
+    ``output_dir``.
+
+    The task's settings: images of `SIZE` pixels, data loaded in the main process, ``num_logs`` logged steps, no
+    checkpoints, trackers or progress bars. ``settings`` are further config fields (``beta``, ``random_flip``...);
+    ``print_logs=False`` removes transformers' `PrinterCallback`, for a caller that prints the logs its own way.
+    The demo, `benchmarks/efficacy.py` and `benchmarks/guards.py` train through this function.
+
+    Returns:
+        ``(trainer, seconds_per_step)``: the trained trainer and the mean wall time of its optimizer steps.
+    """
+    trainer_class, config_class = METHODS[method]
+    config = config_class(
+        output_dir=output_dir,
+        per_device_train_batch_size=batch_size,
+        max_steps=max_steps,
+        learning_rate=learning_rate,
+        resolution=SIZE,
+        logging_steps=max(1, max_steps // num_logs),
+        dataloader_num_workers=0,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+        seed=seed,
+        **settings,
+    )
+    trainer = trainer_class(model=base_path, args=config, train_dataset=dataset, peft_config=peft_config)
+    if not print_logs:
+        trainer.remove_callback(PrinterCallback)
+    start = time.perf_counter()
+    trainer.train()
+    seconds_per_step = (time.perf_counter() - start) / max_steps
+    trainer.save_model()
+    return trainer, seconds_per_step
