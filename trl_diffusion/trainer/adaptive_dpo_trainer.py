@@ -151,7 +151,7 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
         return loss, metrics
 
     def _buffer_minority_scores(self, row_index: torch.Tensor, u: torch.Tensor) -> None:
-        """Keep ``(global_step, dataset row, u)`` of each pair on the device until [`flush_minority_scores`][]."""
+        """Keep ``(global_step, dataset row, u)`` of each pair on the device until ``flush_minority_scores``."""
         rows = row_index.to(u.device, torch.float64)
         step_column = torch.full_like(rows, self.state.global_step)
         self._minority_rows.append(torch.stack([step_column, rows, u.double()], dim=1))
