@@ -1,11 +1,12 @@
 """The encoding cache: VAE latents and prompt embeddings computed once, in shards written by every process, then reused.
 
 The VAE and the text encoders are frozen, so their outputs for a given image and prompt never change. With
-``precompute_encodings`` the trainer encodes every pair once, before training, and each training step reads latents
-and prompt embeddings instead of decoding images and running the encoders. This module holds the cache's mechanics
-only, with explicit inputs ([`Encoders`][]: the encode functions, the frozen modules and what identifies them;
-[`CacheOptions`][]: the cache directory and batch sizes; [`ProcessGroup`][]: which process this is). What to encode, the
-empty-prompt embedding and the reference pass are the trainer's business (`trl_diffusion/trainer/encoding_cache.py`).
+``precompute_encodings`` the trainer encodes every pair once, before training, and each training step reads latents and
+prompt embeddings instead of decoding images and running the encoders. This module holds the cache's mechanics only,
+with explicit inputs ([`Encoders`][]: the encode functions, the frozen modules and what identifies them;
+[`CacheOptions`][]: the cache directory and batch sizes; [`ProcessGroup`][]: which process this is). What to encode,
+the empty-prompt embedding and the reference pass are the trainer's business
+(`trl_diffusion/trainer/encoding_cache.py`).
 
 The rule for what can be cached: a pair's encodings must be a function of the pair alone (fixed crops; with
 ``random_flip`` both flips are cached). The trainer's config decides it (``DiffusionPreferenceConfig.encodings_cached``);
