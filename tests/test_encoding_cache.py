@@ -7,10 +7,10 @@ import math
 import os
 
 import pytest
-import test_trainers as trainers
 import torch
 from datasets import Dataset
 from diffusers import AutoencoderKL, UNet2DConditionModel
+from helpers import trainers
 from helpers.rows import make_pickapic
 from transformers import TrainerCallback
 

@@ -6,9 +6,9 @@ import os
 
 import pytest
 import torch
-from conftest import png_bytes
 from datasets import Dataset
 from diffusers import DiffusionPipeline
+from helpers.rows import png_bytes
 from peft import LoraConfig
 
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer

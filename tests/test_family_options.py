@@ -58,7 +58,7 @@ def test_a_new_option_is_in_the_cache_key_without_being_listed_anywhere():
 
 
 def test_the_fingerprint_follows_the_family_options(tiny_flux, tmp_path):
-    from conftest import make_pickapic
+    from helpers.rows import make_pickapic
 
     pipeline = DiffusionPipeline.from_pretrained(tiny_flux)
     dataset = PreferenceDataset(make_pickapic(2), resolution=16)

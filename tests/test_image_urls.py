@@ -4,9 +4,9 @@ import time
 
 import pytest
 import torch
-from conftest import png_bytes
 from datasets import Dataset
 from helpers.image_server import image_server
+from helpers.rows import png_bytes
 from peft import LoraConfig
 
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
