@@ -56,7 +56,7 @@ def test_full_finetune_trains_denoiser_and_keeps_reference_frozen(tiny_sd, tmp_p
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tiny_sd, tmp_path):
-    """Batch 4 and batch 2 x accumulation 2 make the same SGD updates (uncached path; cached: tests/test_encoding_cache.py).
+    """Batch 4 and batch 2 x accumulation 2 make the same SGD updates (uncached path; cached: tests/test_base_trainer.py).
 
     Plain SGD with a constant learning rate: each update is ``-lr * gradient``, so the weights differ only by the
     summation-order rounding of the two batchings (~1e-7 relative), on any CPU. Adam's first update is ``±lr`` for any
