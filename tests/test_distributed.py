@@ -17,8 +17,10 @@ How each engine runs on CPU processes:
 
 import csv
 import importlib.util
+import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 from helpers.runs import STRICT, accelerate_launch, assert_same_weights, run, run_in_process, tiny_args
@@ -34,18 +36,64 @@ CONFIGS = os.path.join(
 CPU_LAUNCH = ["--num_processes", "2", "--mixed_precision", "no"]
 
 
+def _encoded_items_by_process(cache: Path, part: str) -> dict[int, int]:
+    """Items of a cache part that each process encoded, from the shards' completion markers."""
+    counts: dict[int, int] = {}
+    for marker in cache.glob(f"*/{part}-*.arrow.done"):
+        record = json.loads(marker.read_text())
+        counts[record["process"]] = counts.get(record["process"], 0) + record["items"]
+    return counts
+
+
+def _assert_same_caches(one: Path, two: Path) -> None:
+    """The caches of two runs hold the same folders (fingerprints) and the same shard files, byte for byte."""
+    shards = sorted(path.relative_to(one) for path in one.glob("*/*.arrow"))
+    assert shards and shards == sorted(path.relative_to(two) for path in two.glob("*/*.arrow"))
+    for shard in shards:
+        assert (one / shard).read_bytes() == (two / shard).read_bytes(), shard
+
+
 def test_ddp_two_processes_through_the_cli_match_one_process(cache_dir, tmp_path):
-    """`trl-diffusion dpo --config examples/scripts/sd15_dpo_tiny.yaml` relaunched on 2 processes (LoRA, DDP)."""
-    run_in_process("dpo", tiny_args(tmp_path / "one", *STRICT, "--per_device_train_batch_size", "4"))
+    """`trl-diffusion dpo --config examples/scripts/sd15_dpo_tiny.yaml` relaunched on 2 processes (LoRA, DDP).
+
+    Both processes encode the cache: each about half the pairs, and the combined cache is the one-process cache.
+    """
+    one = ["--per_device_train_batch_size", "4", "--encodings_cache_dir", str(tmp_path / "cache-one")]
+    run_in_process("dpo", tiny_args(tmp_path / "one", *STRICT, *one))
     cli = [sys.executable, "-m", "trl_diffusion.scripts.cli", "dpo"]
     launcher_flags = ["--num_processes", "2", "--multi_gpu", "--use_cpu", "true"]
-    output = run(
-        cli + tiny_args(tmp_path / "two", *STRICT, "--per_device_train_batch_size", "2", *launcher_flags), cache_dir
-    )
+    two = ["--per_device_train_batch_size", "2", "--encodings_cache_dir", str(tmp_path / "cache-two")]
+    output = run(cli + tiny_args(tmp_path / "two", *STRICT, *two, *launcher_flags), cache_dir)
     assert "Model saved to" in output
     assert_same_weights(tmp_path / "one", tmp_path / "two")
     # Both processes trained (each logs its own progress); the main process alone wrote the model and its card.
     assert sorted(os.listdir(tmp_path / "two")) == sorted(os.listdir(tmp_path / "one"))
+    _assert_same_caches(tmp_path / "cache-one", tmp_path / "cache-two")
+    counts = _encoded_items_by_process(tmp_path / "cache-two", "pairs")
+    assert sorted(counts) == [0, 1] and abs(counts[0] - counts[1]) <= 8  # about half each (shards of 8 pairs)
+    assert _encoded_items_by_process(tmp_path / "cache-one", "pairs").keys() == {0}
+
+
+@pytest.mark.slow
+def test_fsdp2_precomputed_reference_errors_on_every_process_match_one_process(cache_dir, tmp_path):
+    """FSDP2 full fine-tuning with `precompute_ref_errors`: every process runs the sharded reference on its shards of
+    the pairs (the collective forward in lockstep); the stored errors and the trained weights are those of one
+    process, and the released reference is not rebuilt."""
+    full = ["--use_peft", "false", "--learning_rate", "0.05", "--precompute_ref_errors", "true"]
+    # The reference pass runs per_device_train_batch_size pairs at once: 2 in both runs, so their errors are bit-equal
+    one = ["--per_device_train_batch_size", "2", "--gradient_accumulation_steps", "2"]
+    one += ["--encodings_cache_dir", str(tmp_path / "cache-one")]
+    run_in_process("dpo", tiny_args(tmp_path / "one", *STRICT, *full, *one))
+    launch = ["--config_file", os.path.join(CONFIGS, "fsdp2.yaml"), *CPU_LAUNCH]
+    two = ["--per_device_train_batch_size", "2", "--encodings_cache_dir", str(tmp_path / "cache-two")]
+    output = accelerate_launch(
+        launch, "dpo", tiny_args(tmp_path / "two", *STRICT, *full, *two, "--use_cpu", "true"), cache_dir
+    )
+    assert output.count("[engine-probe] prepare_fsdp(UNet2DConditionModel)") == 1  # the reference
+    _assert_same_caches(tmp_path / "cache-one", tmp_path / "cache-two")
+    errors = _encoded_items_by_process(tmp_path / "cache-two", "errors")
+    assert sorted(errors) == [0, 1] and min(errors.values()) > 0
+    assert_same_weights(tmp_path / "one", tmp_path / "two")
 
 
 def test_fsdp2_full_finetune_with_a_synced_reference_matches_one_process(cache_dir, tmp_path):

@@ -20,6 +20,7 @@ from trl_diffusion.encodings import (
     Encoders,
     EncodingCacheBuilder,
     ProcessGroup,
+    ShardedTable,
     ShardLayout,
     encode_dataset,
 )
@@ -180,3 +181,25 @@ def test_training_from_the_deduplicated_cache_gives_the_per_pair_cache_losses(ti
         trainer.train()
         losses.append([log["loss"] for log in trainer.state.log_history if "loss" in log])
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_lockstep_processes_make_as_many_calls_as_the_busiest(tmp_path):
+    """A sharded reference's forward is collective: with 3 shards over 2 processes, rank 1 (one shard) repeats a batch
+    so that it calls as often as rank 0 (two shards), and the repeat is not stored."""
+    layout = ShardLayout.for_items(6, batch_size=2)  # 3 shards of one batch
+    calls = {0: [], 1: []}
+
+    def encoder(rank):
+        def encode(batches):
+            for batch in batches:
+                calls[rank].append(list(batch))
+                yield {"value": [float(i) for i in batch]}
+
+        return encode
+
+    table = ShardedTable(str(tmp_path), "errors", layout)
+    for rank in (1, 0):  # rank 1 first: it sees all 3 shards pending, as both ranks do when running at once
+        assert table.write(encoder(rank), ProcessGroup(rank, 2), lockstep=True) == (4 if rank == 0 else 2)
+    assert calls == {0: [[0, 1], [4, 5]], 1: [[2, 3], [0, 1]]}
+    assert list(table.load()["value"]) == [0.0, 1.0, 2.0, 3.0, 4.0, 5.0]
+    assert table.items_by_process() == {0: 4, 1: 2}

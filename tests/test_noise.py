@@ -76,7 +76,7 @@ def test_the_trainer_noises_each_pair_with_its_seeded_draws(tiny_sd, tmp_path, m
         model=tiny_sd, args=args, train_dataset=make_pickapic(4), peft_config=LoraConfig(r=4, lora_alpha=8)
     )
     trainer.state.global_step = 3
-    inputs = trainer._prepare_inputs(trainer.data_collator([trainer.train_dataset[i] for i in (2, 0)]))
+    inputs = trainer.data_collator([trainer.train_dataset[i] for i in (2, 0)])  # on the CPU, the trainer's device
     step = trainer.prepare_step(inputs, mode)
     latents = trainer.encode_images(inputs["pixel_values"])
     draws = pair_randomness([2, 0], latents.shape[1:], seed=4, step=3 if mode == "train" else EVAL_NOISE_STEP)

@@ -6,14 +6,14 @@ import sys
 
 import pytest
 import yaml
-from datasets import load_dataset
+from datasets import IterableDataset, load_dataset
 from helpers.runs import REPO, TINY_DATASET, TINY_YAML, run, run_in_process, tiny_args
 from huggingface_hub import ModelCard
 
 from trl_diffusion import DiffusionModelConfig
 from trl_diffusion.model_config import get_peft_config, resolve_model_path
 from trl_diffusion.scripts import cli
-from trl_diffusion.scripts.utils import _select_split, load_preference_dataset
+from trl_diffusion.scripts.utils import load_preference_dataset, select_split
 
 
 CONFIGS = os.path.join(REPO, "trl_diffusion", "accelerate_configs")
@@ -54,7 +54,7 @@ def test_the_documented_command_trains_on_cpu(cache_dir, tmp_path):
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "examples", "scripts", "*.yaml"))))
 def test_example_configs_parse_with_their_script(path):
     name = os.path.basename(path)
-    command = "mapo" if "mapo" in name else "adaptive-dpo" if "adaptive" in name else "kto" if "kto" in name else "dpo"
+    command = "mapo" if "mapo" in name else "adaptive" if "adaptive" in name else "kto" if "kto" in name else "dpo"
     module = __import__(f"trl_diffusion.scripts.{cli.COMMANDS[command][0]}", fromlist=["make_parser"])
     # bf16 needs a GPU: the CPU test machine overrides it from the command line, as a user would.
     *parsed, config_remaining, cli_remaining = module.make_parser().parse_args_and_config(
@@ -155,11 +155,17 @@ def test_dataset_loading_accepts_folders_files_and_saved_datasets(tmp_path):
     load_dataset(TINY_DATASET)["test"].save_to_disk(str(tmp_path / "saved"))
     saved = load_preference_dataset(ScriptArguments(dataset_name=str(tmp_path / "saved")))
     assert len(saved["train"]) == 8
-    assert len(_select_split(folder, "train[:10]")) == 10 and len(_select_split(folder, "train[40:]")) == 8
+    assert len(select_split(folder, "train[:10]")) == 10 and len(select_split(folder, "train[40:]")) == 8
     with pytest.raises(ValueError, match="no split"):
-        _select_split(folder, "validation")
-    with pytest.raises(ValueError, match="streaming"):
-        load_preference_dataset(ScriptArguments(dataset_name=TINY_DATASET, dataset_streaming=True))
+        select_split(folder, "validation")
+    mapped = {TINY_DATASET: folder, str(tmp_path / "saved"): saved}
+    for name, dataset in mapped.items():  # streamed by load_dataset; a saved dataset as a one-shard stream
+        streamed = load_preference_dataset(ScriptArguments(dataset_name=name, dataset_streaming=True))
+        assert isinstance(streamed["train"], IterableDataset)
+        captions = [row["caption"] for row in select_split(streamed, "train[2:5]")]
+        assert captions == dataset["train"]["caption"][2:5]
+    with pytest.raises(ValueError, match="cannot count from its end"):
+        select_split(streamed, "train[-4:]")
 
 
 NEW_FAMILY_YAMLS = [

@@ -1,17 +1,21 @@
 """Streamed datasets: the same row checks as map-style data, split over processes and workers, training and resuming."""
 
 import logging
+import sys
 
 import pytest
 import torch
 from datasets import Dataset
+from datasets import Image as ImageFeature
 from helpers.rows import make_pickapic
+from helpers.runs import STRICT, assert_same_weights, run, run_in_process, tiny_args
 from helpers.trainers import tiny_config
 from peft import LoraConfig
 
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
 from trl_diffusion.data import DiffusionPreferenceCollator, PreferenceDataset
 from trl_diffusion.streaming import StreamingPreferenceDataset
+from trl_diffusion.unpaired import UnpairedPreferenceDataset
 
 
 def _with_bad_rows(num_rows: int = 8) -> Dataset:
@@ -40,6 +44,20 @@ def test_a_bad_streamed_row_raises_naming_its_position_and_column():
     stream = StreamingPreferenceDataset(_with_bad_rows().to_iterable_dataset(), resolution=8)
     with pytest.raises(ValueError, match=r"Row 6 of the stream, column 'caption': expected a string caption"):
         list(stream)
+
+
+def test_image_features_confidences_and_trl_columns_stream_as_in_a_table():
+    data = make_pickapic(4).cast_column("jpg_0", ImageFeature()).cast_column("jpg_1", ImageFeature())
+    data = data.add_column("agreement", [1.0, 0.5, 0.75, 0.25])
+    streamed = list(
+        StreamingPreferenceDataset(data.to_iterable_dataset(), resolution=8, confidence_column="agreement")
+    )
+    mapped = PreferenceDataset(data, resolution=8, confidence_column="agreement")
+    assert [e["confidence"] for e in streamed] == [mapped[i]["confidence"] for i in range(4)] == [1.0, 0.5, 0.75, 0.25]
+    assert all(torch.equal(e["chosen_pixel_values"], mapped[i]["chosen_pixel_values"]) for i, e in enumerate(streamed))
+    trl = Dataset.from_dict({"chosen": data["jpg_0"][:1], "rejected": data["jpg_1"][:1], "prompt": ["p"]})
+    (example,) = StreamingPreferenceDataset(trl.to_iterable_dataset(), resolution=8)
+    assert example["prompt"] == "p" and example["dropped_ties"] == 0
 
 
 def test_processes_and_workers_read_disjoint_parts_that_cover_the_stream():
@@ -95,6 +113,25 @@ def test_training_on_a_stream_updates_the_adapter_and_logs_the_drops(tiny_sd, tm
     assert [(e["data/dropped_ties"], e["data/skipped_rows"]) for e in logs] == [(1, 0), (2, 0), (2, 1)]
 
 
+def test_loader_workers_read_their_own_shards_and_their_drops_add_up(tiny_sd, tmp_path):
+    """2 workers over a 2-shard stream: worker 0 reads rows 0-3 (a tie at 1), worker 1 rows 4-7 (a tie at 4, a bad
+    caption at 6); the 5 pairs take 3 steps (batches alternate between the workers), and the drops sum to the table's."""
+    stream = _with_bad_rows().to_iterable_dataset(num_shards=2)
+    trainer = _stream_trainer(tiny_sd, tmp_path, stream, skip_invalid_rows=True, dataloader_num_workers=2)
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "data/dropped_ties" in entry]
+    assert [(e["data/dropped_ties"], e["data/skipped_rows"]) for e in logs] == [(1, 0), (2, 1), (2, 1)]
+
+
+def test_streams_of_unpaired_rows_or_videos_are_refused():
+    stream = make_pickapic(2).to_iterable_dataset()
+    args = DiffusionDPOConfig(output_dir="unused", report_to="none")
+    with pytest.raises(NotImplementedError, match="streaming UnpairedPreferenceDataset rows is not supported"):
+        StreamingPreferenceDataset.for_trainer(stream, args, UnpairedPreferenceDataset, is_video=False)
+    with pytest.raises(NotImplementedError, match="streaming video pairs is not supported"):
+        StreamingPreferenceDataset.for_trainer(stream, args, PreferenceDataset, is_video=True)
+
+
 def test_resuming_a_stream_replays_it_to_the_uninterrupted_weights(tiny_sd, tmp_path):
     """A run resumed from checkpoint-2 of a 4-step run on a stream ends with the 4-step run's weights (plain SGD)."""
     stream = make_pickapic(8).to_iterable_dataset()
@@ -132,3 +169,22 @@ def test_the_uncached_path_is_said_once(tiny_sd, tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="trl_diffusion.streaming"):
         _stream_trainer(tiny_sd, tmp_path, make_pickapic(4).to_iterable_dataset())
     assert "encoded on the fly" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_processes_on_a_stream_match_one_process(cache_dir, tmp_path):
+    """`trl-diffusion dpo --dataset_streaming true` on 2 CPU processes (DDP, gloo) against 1 process, same global batch.
+
+    The bundled data is one parquet shard, so each process keeps every other row: process 0 rows 0, 2, 4..., process
+    1 rows 1, 3, 5... With no loader workers a row's index is its position in the stream, so both runs give the same
+    pairs the same noise, and each global batch of 4 is the same 4 rows.
+    """
+    stream = [*STRICT, "--dataset_streaming", "true", "--dataloader_num_workers", "0"]
+    run_in_process("dpo", tiny_args(tmp_path / "one", *stream, "--per_device_train_batch_size", "4"))
+    cli = [sys.executable, "-m", "trl_diffusion.scripts.cli", "dpo"]
+    launcher = ["--num_processes", "2", "--multi_gpu", "--use_cpu", "true"]
+    output = run(
+        cli + tiny_args(tmp_path / "two", *stream, "--per_device_train_batch_size", "2", *launcher), cache_dir
+    )
+    assert "Model saved to" in output
+    assert_same_weights(tmp_path / "one", tmp_path / "two")

@@ -1,20 +1,20 @@
 """Every training callback of the library: validation images, evaluation against the base, run watchdogs.
 
-- [`ValidationImagesCallback`]: images from the policy every few steps, for the trackers and the model card.
-- [`EvaluationCallback`]: the win rate of the policy over the model it started from, during training.
-- [`CollapseWarningCallback`]: warns when the logged metrics show a collapsing preference run.
-- [`NonFiniteGuard`]: stops (or skips) a step with non-finite values and refuses non-finite saves (its checks are in
+- [`ValidationImagesCallback`][]: images from the policy every few steps, for the trackers and the model card.
+- [`EvaluationCallback`][]: the win rate of the policy over the model it started from, during training.
+- [`CollapseWarningCallback`][]: warns when the logged metrics show a collapsing preference run.
+- [`NonFiniteGuard`][]: stops (or skips) a step with non-finite values and refuses non-finite saves (its checks are in
   `trl_diffusion.nonfinite`).
-- [`AnnotatorEMACallback`]: updates Adaptive-DPO's EMA annotators after each optimizer step.
+- [`AnnotatorEMACallback`][]: updates Adaptive-DPO's EMA annotators after each optimizer step.
 
-The two image callbacks share [`PolicyImagesCallback`]: one schedule, one way to generate from the weights in
-training ([`generating_with_policy`]) and one way to send images to the trackers ([`log_images`]).
+The two image callbacks share [`PolicyImagesCallback`][]: one schedule, one way to generate from the weights in
+training ([`generating_with_policy`][]) and one way to send images to the trackers ([`log_images`][]).
 """
 
 import json
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,8 @@ from .nonfinite import HINT, NonFiniteError, all_finite, nonfinite_rows
 
 
 if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
     from .trainer.adaptive_dpo_trainer import AdaptiveDPOTrainer
     from .trainer.base_trainer import DiffusionPreferenceTrainer
 
@@ -59,7 +61,7 @@ def frame_strip(frames: Sequence[Image.Image], num_frames: int = 4) -> Image.Ima
 
 
 @contextmanager
-def generating_with_policy(trainer: "DiffusionPreferenceTrainer"):
+def generating_with_policy(trainer: "DiffusionPreferenceTrainer") -> Iterator["DiffusionPipeline"]:
     """The trainer's own pipeline, ready to generate from the weights in training.
 
     The denoiser (LoRA adapters active) is put in eval mode and restored afterwards; generation runs without
@@ -119,7 +121,7 @@ def log_images(
 class PolicyImagesCallback(TrainerCallback):
     """Run a round of images from the policy every ``every_n_steps`` optimizer steps and at the end of training.
 
-    Subclasses implement [`run`]. ``every_n_steps = 0`` runs only at the end of training; the end-of-training round
+    Subclasses implement [`run`][]. ``every_n_steps = 0`` runs only at the end of training; the end-of-training round
     is skipped when the last step already had one.
 
     Args:
@@ -157,7 +159,7 @@ class ValidationImagesCallback(PolicyImagesCallback):
 
     The images are made with the trainer's own pipeline (the denoiser being trained, LoRA adapters active), one seeded
     generator per prompt so successive rounds are comparable. Each round is logged to TensorBoard and Weights & Biases
-    where they are active ([`log_images`], tag ``validation``), and the latest images are saved as
+    where they are active ([`log_images`][], tag ``validation``), and the latest images are saved as
     ``output_dir/images/validation_{i}.png`` with ``images/widget.json`` (prompt and file of each), which the model
     card turns into its ``widget`` metadata and `push_to_hub` uploads with the weights. Every process generates (a
     sharded denoiser needs all of them); only the main process writes.
@@ -236,12 +238,13 @@ class EvaluationCallback(PolicyImagesCallback):
     weights, whatever the method); tuned images are generated with the same prompts and seeds from the current
     weights. The win rate, mean score difference and its interval are logged through `Trainer.log` (so every
     tracker receives them) as ``preference_eval/...``, and a base-versus-tuned image grid goes to TensorBoard and
-    Weights & Biases where they are active ([`log_images`], tag ``preference_eval/base_vs_tuned``).
+    Weights & Biases where they are active ([`log_images`][], tag ``preference_eval/base_vs_tuned``).
 
     Args:
         trainer: the trl_diffusion trainer to watch (its ``family.pipeline`` generates the images).
-        prompts: evaluation prompts, as for [`~trl_diffusion.evaluation.evaluate_preference`].
-        scorer: ``scorer(images, prompts) -> scores``, as for [`~trl_diffusion.evaluation.evaluate_preference`].
+        prompts: evaluation prompts, as for [`evaluate_preference`][trl_diffusion.evaluation.evaluate_preference].
+        scorer: ``scorer(images, prompts) -> scores``, as for
+            [`evaluate_preference`][trl_diffusion.evaluation.evaluate_preference].
         seeds: the seeds of every prompt's images, the same for the base and the tuned model.
         eval_every_steps: optimizer steps between evaluations; it also runs at the end of training.
         max_grid_images: images per row in the logged grid.
@@ -400,7 +403,7 @@ class NonFiniteGuard(TrainerCallback):
     """Stop (or skip) an optimizer step whose loss, errors or gradients are not finite; refuse non-finite saves.
 
     Args:
-        trainer: the [`DiffusionPreferenceTrainer`] it guards.
+        trainer: the [`DiffusionPreferenceTrainer`][] it guards.
         max_skipped_steps: optimizer steps that may be skipped before training stops (``skip_nonfinite_steps``).
     """
 
@@ -486,7 +489,7 @@ class NonFiniteGuard(TrainerCallback):
     # ----- saving -----
 
     def check_weights(self, output_dir: str | None) -> None:
-        """Raise [`NonFiniteError`] instead of saving weights that are not all finite (all processes agree)."""
+        """Raise [`NonFiniteError`][] instead of saving weights that are not all finite (all processes agree)."""
         trainer = self.trainer
         parameters = [p for p in trainer.model.parameters() if p.requires_grad]
         finite = all_finite([getattr(p, "ds_tensor", p) for p in parameters]).to(trainer.accelerator.device)
@@ -510,7 +513,7 @@ class NonFiniteGuard(TrainerCallback):
         """The micro-batch loss the Trainer adds to its running total: 0 where it is not finite (no host sync).
 
         A NaN in the Trainer's running total would make every later logged loss NaN; transformers' own filter would
-        log the first step of a window as 0. [`update_logs`] divides by the finite micro-batches only.
+        log the first step of a window as 0. [`update_logs`][] divides by the finite micro-batches only.
         """
         finite = torch.isfinite(loss)
         self._window_micro_batches += 1

@@ -211,7 +211,8 @@ class PreferenceDataset(torch.utils.data.Dataset):
 
     @staticmethod
     def config_options(args) -> dict:
-        """The keyword arguments of [`PreferenceDataset`] that a trainer config (`DiffusionPreferenceConfig`) sets."""
+        """The keyword arguments of [`PreferenceDataset`][] that a trainer config (`DiffusionPreferenceConfig`)
+        sets."""
         return {
             "resolution": args.resolution,
             "random_crop": args.random_crop,

@@ -1,15 +1,16 @@
 """The encoding cache: VAE latents and prompt embeddings computed once, in shards written by every process, then reused.
 
 The VAE and the text encoders are frozen, so their outputs for a given image and prompt never change. With
-``precompute_encodings`` the trainer encodes every pair once, before training, and each training step reads latents
-and prompt embeddings instead of decoding images and running the encoders. This module holds the cache's mechanics
-only, with explicit inputs ([`Encoders`]: the encode functions, the frozen modules and what identifies them;
-[`CacheOptions`]: the cache directory and batch sizes; [`ProcessGroup`]: which process this is). What to encode, the
-empty-prompt embedding and the reference pass are the trainer's business (`trl_diffusion/trainer/encoding_cache.py`).
+``precompute_encodings`` the trainer encodes every pair once, before training, and each training step reads latents and
+prompt embeddings instead of decoding images and running the encoders. This module holds the cache's mechanics only,
+with explicit inputs ([`Encoders`][]: the encode functions, the frozen modules and what identifies them;
+[`CacheOptions`][]: the cache directory and batch sizes; [`ProcessGroup`][]: which process this is). What to encode,
+the empty-prompt embedding and the reference pass are the trainer's business
+(`trl_diffusion/trainer/encoding_cache.py`).
 
 The rule for what can be cached: a pair's encodings must be a function of the pair alone (fixed crops; with
 ``random_flip`` both flips are cached). The trainer's config decides it (``DiffusionPreferenceConfig.encodings_cached``);
-[`encode_dataset`] refuses a dataset whose crops change every epoch.
+[`encode_dataset`][] refuses a dataset whose crops change every epoch.
 
 Layout. A cache is a folder ``trl-diffusion-encodings-<fingerprint>`` with two parts:
 
@@ -56,6 +57,7 @@ import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from .data import PreferenceDataset
@@ -162,7 +164,8 @@ def weights_digest(
     """A cheap content digest of networks: every tensor's name, shape and dtype, and a strided sample of its values.
 
     Two different checkpoints of one architecture differ in practically every sampled value, so this tells them
-    apart without hashing gigabytes; it copies one small tensor per module to the host.
+    apart without hashing gigabytes; it copies one small tensor per module to the host. FSDP2-sharded tensors are
+    gathered first, so every process must call it (in the same order).
     """
     hasher = hashlib.sha256()
     for module_name in sorted(modules):
@@ -172,6 +175,8 @@ def weights_digest(
                 continue
             hasher.update(f"{module_name}.{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             if tensor.numel() and (tensor.is_floating_point() or tensor.dtype in (torch.int8, torch.uint8)):
+                if isinstance(tensor, DTensor):  # sharded by FSDP2: gathered (collectively), so any process count
+                    tensor = tensor.full_tensor()  # gives the digest of one process
                 flat = tensor.detach().reshape(-1)
                 samples.append(flat[:: max(1, flat.numel() // samples_per_tensor)][:samples_per_tensor].float())
         if samples:
@@ -528,7 +533,8 @@ class EncodedPreferenceDataset(torch.utils.data.Dataset):
         prompt_embeddings: the ``prompts`` table, one row per distinct prompt.
         reference_errors: the reference errors table (one row per pair), or ``None``.
         source: the [`PreferenceDataset`][] it was computed from.
-        fingerprint: the cache's fingerprint; ``folder`` its folder.
+        fingerprint: the cache's fingerprint.
+        folder: the cache's folder.
         num_skipped: pairs left out because an image was unreadable (``skip_invalid_rows``).
     """
 

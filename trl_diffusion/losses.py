@@ -486,8 +486,7 @@ def adaptive_dpo_loss_from_errors(
     Args:
         policy_errors: ``(2B,)`` errors of the policy, chosen images first.
         ref_errors: ``(2B,)`` errors of the reference.
-        ema_annotator_errors: ``(2B,)`` no-grad errors of each EMA annotator, by name (empty: the policy judges
-            alone).
+        ema_annotator_errors: ``(2B,)`` no-grad errors of each EMA annotator, by name (empty: the policy alone).
         beta: KL-regularisation strength, on the Diffusion-DPO scale.
         rho: scale ``rho`` of the annotators' margins inside the minority score.
         normalize: divide each annotator's margins by their L2 norm over the batch before scaling by ``rho``.
@@ -500,22 +499,17 @@ def adaptive_dpo_loss_from_errors(
         flip_threshold: minority score above which a pair's margin is negated; ``None`` flips nothing.
 
     Returns:
-        ``(loss, metrics)``: the metrics of [`adaptive_dpo_loss`][] and [`dpo_reward_metrics`][], with
-        ``adaptive/confidence_mean``, ``adaptive/stability_mean`` (with EMA annotators) and
-        ``adaptive/margin_norm/<annotator>`` (``policy``, then each EMA annotator's name), one value per batch
-        repeated per pair.
+        ``(loss, metrics)``: the metrics of [`adaptive_dpo_loss`][] and [`dpo_reward_metrics`][], and
+        ``adaptive/confidence_mean``, ``adaptive/stability_mean`` (with EMA annotators) and, one value per batch,
+        ``adaptive/margin_norm/<annotator>`` (``policy``, then each EMA annotator's name).
     """
     policy_chosen, policy_rejected = policy_errors.chunk(2)
     ref_chosen, ref_rejected = ref_errors.chunk(2)
     margins = implicit_reward_margin(policy_chosen, policy_rejected, ref_chosen, ref_rejected)
     judged = annotator_margins([policy_errors, *ema_annotator_errors.values()], ref_errors)
-    terms = minority_score_terms(
-        judged, rho=rho, normalize=normalize, prior_confidence=prior_confidence, warmup=warmup
-    )
+    terms = minority_score_terms(judged, rho, normalize, prior_confidence, warmup)
     u = terms["u"]
-    loss, metrics = adaptive_dpo_loss(
-        margins, u, beta, weight_type, k, c, margin_type=margin_type, flip_threshold=flip_threshold
-    )
+    loss, metrics = adaptive_dpo_loss(margins, u, beta, weight_type, k, c, margin_type, flip_threshold)
     metrics["adaptive/confidence_mean"] = terms["confidence"]
     if "stability" in terms:
         metrics["adaptive/stability_mean"] = terms["stability"]

@@ -3,9 +3,9 @@
 Each micro-batch's loss and per-sample errors (policy, reference, auxiliary networks) are recorded on the device as
 finiteness masks. Before every optimizer step the guard checks them and the gradients, agrees with the other processes
 through one small all-reduce, and then either lets the step run, skips it (``skip_nonfinite_steps``: the gradients are
-dropped, so the optimizer changes nothing) or raises [`NonFiniteError`] naming the step, the terms and the dataset
+dropped, so the optimizer changes nothing) or raises [`NonFiniteError`][] naming the step, the terms and the dataset
 rows. Every save (checkpoints and `save_model`) refuses weights that are not finite. The guard itself is the
-callback [`~trl_diffusion.callbacks.NonFiniteGuard`]; this module holds what it checks with.
+callback [`NonFiniteGuard`][trl_diffusion.callbacks.NonFiniteGuard]; this module holds what it checks with.
 
 With fp16 mixed precision, an overflowing gradient whose loss is finite is the `GradScaler`'s business: it skips the
 step and lowers its scale. Such steps are legitimate and never counted as failures.

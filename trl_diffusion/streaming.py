@@ -2,7 +2,7 @@
 
 A stream (``load_dataset(..., streaming=True)``, ``Dataset.to_iterable_dataset()``, any `datasets.IterableDataset` in
 the Pick-a-Pic or TRL-style schema) is never held whole, so the checks that a map-style dataset runs when it is wrapped
-run row by row instead, with the same code ([`PreferenceDataset.check_row`]): ties are dropped, and a bad label or
+run row by row instead, with the same code ([`PreferenceDataset.check_row`][]): ties are dropped, and a bad label or
 caption raises an error naming the row and column, or is skipped with ``skip_invalid_rows``. Both are counted and
 logged (``data/dropped_ties``, ``data/skipped_rows``, summed over the processes) as the rows are read.
 
@@ -30,10 +30,15 @@ data-loader workers: they decide which rows each process reads.
 """
 
 import logging
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .data import PreferenceDataset, PreparationStats
+
+
+if TYPE_CHECKING:
+    from datasets import IterableDataset
 
 
 logger = logging.getLogger(__name__)
@@ -87,17 +92,18 @@ def check_stream_options(args) -> None:
 class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
     """A `datasets.IterableDataset` of image pairs, read as ordered ``(chosen, rejected, prompt)`` examples.
 
-    Examples are those of [`PreferenceDataset`] (same checks, decoding, paired transform), plus the counts of rows
+    Examples are those of [`PreferenceDataset`][] (same checks, decoding, paired transform), plus the counts of rows
     dropped before each one: ``dropped_ties`` and ``dropped_invalid`` (the collator adds them to the batch's
     ``num_ties`` and ``num_skipped``). See the module docstring for splitting, row indices and resuming.
 
     Args:
         dataset: a `datasets.IterableDataset` in the Pick-a-Pic or the TRL-style schema.
-        process_index, num_processes: this process and the number of processes to split the stream over.
-        options: the keyword arguments of [`PreferenceDataset`] (``resolution``, ``caption_column``...).
+        process_index: this process's index among the processes the stream is split over.
+        num_processes: the number of processes to split the stream over.
+        options: the keyword arguments of [`PreferenceDataset`][] (``resolution``, ``caption_column``...).
     """
 
-    def __init__(self, dataset, process_index: int = 0, num_processes: int = 1, **options):
+    def __init__(self, dataset: "IterableDataset", process_index: int = 0, num_processes: int = 1, **options: Any):
         from datasets.distributed import split_dataset_by_node
 
         columns = dataset.column_names
@@ -124,7 +130,7 @@ class StreamingPreferenceDataset(torch.utils.data.IterableDataset):
     @classmethod
     def for_trainer(cls, dataset, args, dataset_class: type, is_video: bool) -> "StreamingPreferenceDataset":
         """The training stream of a trainer: pairs of images only, with the options a stream needs (see
-        [`check_stream_options`]).
+        [`check_stream_options`][]).
 
         Raises:
             NotImplementedError: a stream for an unpaired method (Diffusion-KTO) or a video family.

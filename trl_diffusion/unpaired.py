@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-UNPAIRED_COLUMNS = ("prompt", "image", "label")
-
 
 def is_pairwise(dataset, image_columns=PICKAPIC_IMAGE_COLUMNS) -> bool:
     """Whether a `datasets.Dataset` holds pairs (the TRL-style or the Pick-a-Pic image columns)."""

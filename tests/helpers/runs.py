@@ -9,7 +9,7 @@ import torch
 from diffusers.utils import SAFETENSORS_WEIGHTS_NAME
 from safetensors.torch import load_file
 
-from trl_diffusion.scripts.cli import COMMANDS, script_path
+from trl_diffusion.scripts.cli import COMMANDS, resolve_command, script_path
 from trl_diffusion.trainer.base_trainer import LORA_WEIGHT_NAME
 
 
@@ -34,7 +34,7 @@ def tiny_args(output_dir, *overrides: str) -> list[str]:
 def run_in_process(command: str, args: list[str]):
     """Run the script of the `trl-diffusion` ``command`` in this process, through its ``cli_main``; return the
     trainer."""
-    module_name, _ = COMMANDS[command]
+    module_name, _ = COMMANDS[resolve_command(command)]
     return importlib.import_module(f"trl_diffusion.scripts.{module_name}").cli_main(args)
 
 

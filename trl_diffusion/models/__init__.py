@@ -1,5 +1,7 @@
 """Model families: one module per kind of pipeline, and the registry that picks one."""
 
+from typing import TYPE_CHECKING
+
 from diffusers import DiffusionPipeline
 
 from .base import DiffusionFamily
@@ -15,6 +17,10 @@ from .wan import WanFamily
 from .z_image import ZImageFamily
 
 
+if TYPE_CHECKING:
+    from ..trainer.base_config import DiffusionPreferenceConfig
+
+
 FAMILIES: list[type[DiffusionFamily]] = [
     StableDiffusionFamily,
     StableDiffusionXLFamily,
@@ -27,13 +33,13 @@ FAMILIES: list[type[DiffusionFamily]] = [
 ]
 
 
-def get_family(pipeline: DiffusionPipeline, options) -> DiffusionFamily:
+def get_family(pipeline: DiffusionPipeline, options: "FamilyOptions | DiffusionPreferenceConfig") -> DiffusionFamily:
     """Return the family adapter for a loaded pipeline, chosen by the pipeline's class (or a parent class).
 
     Args:
         pipeline: the loaded pipeline.
-        options: the family's [`FamilyOptions`], or a training config to build them from
-            ([`FamilyOptions.from_config`]).
+        options: the family's [`FamilyOptions`][], or a training config to build them from
+            ([`FamilyOptions.from_config`][]).
 
     Raises:
         ValueError: no family serves the pipeline's class.

@@ -34,7 +34,7 @@ class DiffusionFamily:
 
     A family wraps a loaded pipeline and tells the trainers how to encode prompts and images, how to turn a uniform
     random number into a training timestep, how to noise a latent, what the regression target is, and how to call
-    the denoiser. It reads its options (resolution, flow-matching density...) from a [`FamilyOptions`].
+    the denoiser. It reads its options (resolution, flow-matching density...) from a [`FamilyOptions`][].
     Subclasses set the class attributes and override the methods that differ.
 
     Attributes:
@@ -55,7 +55,7 @@ class DiffusionFamily:
 
     def encoding_key(self) -> dict[str, Any]:
         """What identifies the family's encoders besides their weights, for the encoding cache's fingerprint: the
-        family and pipeline classes and the options that can change encodings ([`FamilyOptions.encoding_key`])."""
+        family and pipeline classes and the options that can change encodings ([`FamilyOptions.encoding_key`][])."""
         return {
             "family": f"{type(self).__module__}.{type(self).__qualname__}",
             "pipeline": type(self.pipeline).__name__,

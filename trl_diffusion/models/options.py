@@ -1,7 +1,7 @@
 """The options a model family reads: a small frozen object built from the trainer's config, not the config itself.
 
-Every field is named as the config field it is read from ([`FamilyOptions.from_config`] copies them by name, so a
-new field needs no extra code). The encoding cache is keyed by [`FamilyOptions.encoding_key`]: every field except
+Every field is named as the config field it is read from ([`FamilyOptions.from_config`][] copies them by name, so a
+new field needs no extra code). The encoding cache is keyed by [`FamilyOptions.encoding_key`][]: every field except
 those marked ``STEP_ONLY`` (options that change noise levels, weights or guidance of the training step, never what
 the frozen VAE and text encoders produce). A new option is therefore part of the cache key unless someone marks it
 step-only: forgetting costs a needless re-encode, never a stale cache.
@@ -17,16 +17,21 @@ STEP_ONLY = {"step_only": True}
 
 @dataclass(frozen=True)
 class FamilyOptions:
-    """What a [`DiffusionFamily`] reads from the training config (see `DiffusionPreferenceConfig` for each field).
+    """What a [`DiffusionFamily`][] reads from the training config (see `DiffusionPreferenceConfig` for each field).
 
     Attributes:
         resolution: side of the square training images.
         max_sequence_length: prompt tokens of the T5/chat encoders (``None``: the family's default).
         pretrained_vae_model_name_or_path: SDXL's replacement VAE.
         upcast_vae: SDXL: run the VAE in float32 (``None``: unless a replacement VAE is given).
-        num_frames, video_size: video families' clip length and frame size.
-        weighting_scheme, logit_mean, logit_std, mode_scale: flow matching's noise-level density.
-        flow_loss_weighting, epsilon_equivalent_errors: flow matching's error weights.
+        num_frames: video families' frames per clip (``None``: the family's default).
+        video_size: video families' ``(height, width)`` (``None``: ``resolution`` squared).
+        weighting_scheme: flow matching's noise-level density.
+        logit_mean: mean of the ``logit_normal`` density.
+        logit_std: standard deviation of the ``logit_normal`` density.
+        mode_scale: scale of the ``mode`` density.
+        flow_loss_weighting: flow matching's weight of the velocity errors.
+        epsilon_equivalent_errors: weight velocity errors by ``(1 − σ)²``.
         guidance_scale: the guidance embedding of guidance-distilled transformers.
         resolution_shift: shift flow-matching noise levels for the resolution (``None``: the family's default).
     """

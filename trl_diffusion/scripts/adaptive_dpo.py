@@ -5,8 +5,8 @@ Minority-aware Adaptive-DPO (arXiv 2503.16921): Diffusion-DPO with per-pair weig
 ```bash
 accelerate launch --config_file multi_gpu.yaml trl_diffusion/scripts/adaptive_dpo.py \
     --model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
-    --dataset_name yuvalkirstain/pickapic_v2 \
-    --dataset_train_split "train[:100000]" \
+    --dataset_name data-is-better-together/open-image-preferences-v1-binarized \
+    --dataset_train_split train \
     --use_peft --lora_r 8 --lora_alpha 8 \
     --beta 1000 --rho 15 \
     --annotator_ema_decays 0.5 0.9999 \
@@ -19,12 +19,12 @@ accelerate launch --config_file multi_gpu.yaml trl_diffusion/scripts/adaptive_dp
 
 # Full fine-tuning with FSDP2 (the reference and the EMA annotators are sharded like the policy)
 ```bash
-trl-diffusion adaptive-dpo --accelerate_config fsdp2 --config examples/scripts/sd15_adaptive_dpo.yaml --use_peft false
+trl-diffusion adaptive --accelerate_config fsdp2 --config examples/scripts/sd15_adaptive_dpo.yaml --use_peft false
 ```
 
 # A CPU smoke run on the bundled tiny data
 ```bash
-trl-diffusion adaptive-dpo --config examples/scripts/sd15_dpo_tiny.yaml --beta 1000 --output_dir tiny-adaptive
+trl-diffusion adaptive --config examples/scripts/sd15_dpo_tiny.yaml --beta 1000 --output_dir tiny-adaptive
 ```
 """
 
@@ -42,7 +42,7 @@ def make_parser(subparsers: argparse._SubParsersAction | None = None, prog: str 
     from trl_diffusion import AdaptiveDPOConfig
     from trl_diffusion.scripts.utils import make_script_parser
 
-    return make_script_parser(AdaptiveDPOConfig, "adaptive-dpo", "Run Adaptive-DPO training", subparsers, prog)
+    return make_script_parser(AdaptiveDPOConfig, "adaptive", "Run Adaptive-DPO training", subparsers, prog)
 
 
 def cli_main(argv: list[str] | None = None):

@@ -1,5 +1,9 @@
-"""The `trl-diffusion` command: `trl-diffusion {dpo,mapo,adaptive-dpo,kto,generate-pairs} [--accelerate_config NAME]
+"""The `trl-diffusion` command: `trl-diffusion {dpo,mapo,adaptive,kto,generate-pairs} [--accelerate_config NAME]
 ARGS`.
+
+A method's command is its short name, the key of `trl_diffusion.trainer.METHODS` (`dpo`, `mapo`, `adaptive`, `kto`);
+its script module is the method's full name (`diffusion_dpo.py`, `mapo.py`, `adaptive_dpo.py`, `diffusion_kto.py`).
+`adaptive-dpo`, the command's former name, still works.
 
 Like the `trl` command, it parses the script's arguments (flags and a YAML `--config`) once, hands everything that is
 not a training argument (`--num_processes 2`, `--mixed_precision bf16`, ...) to `accelerate launch`, and relaunches
@@ -15,14 +19,16 @@ from argparse import ArgumentParser
 from pathlib import Path
 
 
-# CLI command -> script module in trl_diffusion.scripts
+# CLI command (a method's short name, as in `METHODS`) -> script module in trl_diffusion.scripts
 COMMANDS = {
     "dpo": ("diffusion_dpo", "Diffusion-DPO (Wallace et al. 2023)"),
     "mapo": ("mapo", "MaPO: margin-aware preference optimization, no reference (Hong et al. 2024)"),
-    "adaptive-dpo": ("adaptive_dpo", "Minority-aware Adaptive-DPO (arXiv 2503.16921)"),
+    "adaptive": ("adaptive_dpo", "Minority-aware Adaptive-DPO (arXiv 2503.16921)"),
     "kto": ("diffusion_kto", "Diffusion-KTO: unpaired likes and dislikes (Li et al. 2024)"),
     "generate-pairs": ("generate_pairs", "On-policy preference pairs: sample a model, score with a reward model"),
 }
+# Other names a command answers to: alias -> command
+COMMAND_ALIASES = {"adaptive-dpo": "adaptive"}
 # Commands that run in this process, without `accelerate launch`: command -> (module, help)
 LOCAL_COMMANDS = {"export-lora": ("export_lora", "Write a saved LoRA in the kohya format (ComfyUI, Forge, kohya)")}
 ACCELERATE_CONFIG_PACKAGES = ("trl_diffusion.accelerate_configs", "trl.accelerate_configs")
@@ -74,14 +80,19 @@ def _subtract_subsequence(items: list[str], subsequence: list[str]) -> list[str]
     return remaining
 
 
+def resolve_command(command: str) -> str:
+    """The command an alias stands for (``adaptive-dpo`` is ``adaptive``); any other name unchanged."""
+    return COMMAND_ALIASES.get(command, command)
+
+
 def script_path(command: str) -> str:
-    module, _ = COMMANDS[command]
+    module, _ = COMMANDS[resolve_command(command)]
     return str(resources.files("trl_diffusion.scripts").joinpath(f"{module}.py"))
 
 
 def split_arguments(command: str, args: list[str]) -> tuple[list[str], list[str]]:
     """``(accelerate launch arguments, script arguments)`` of a command line (``-h`` prints the help and exits)."""
-    module = importlib.import_module(f"trl_diffusion.scripts.{COMMANDS[command][0]}")
+    module = importlib.import_module(f"trl_diffusion.scripts.{COMMANDS[resolve_command(command)][0]}")
     parser = module.make_parser(prog=f"trl-diffusion {command}")
     *_, config_remaining, cli_remaining = parser.parse_args_and_config(
         args, return_remaining_strings=True, separate_remaining_strings=True
@@ -105,8 +116,11 @@ def _build_parser() -> ArgumentParser:
         allow_abbrev=False,
     )
     subparsers = parser.add_subparsers(dest="command", help="available commands")
+    aliases = {
+        command: [alias for alias, target in COMMAND_ALIASES.items() if target == command] for command in COMMANDS
+    }
     for name, (_, help_text) in {**COMMANDS, **LOCAL_COMMANDS}.items():
-        subparsers.add_parser(name, help=help_text, add_help=False)
+        subparsers.add_parser(name, aliases=aliases.get(name, []), help=help_text, add_help=False)
     return parser
 
 

@@ -5,8 +5,8 @@ Diffusion-DPO (Wallace et al. 2023) on a Pick-a-Pic-style preference dataset.
 ```bash
 accelerate launch --config_file multi_gpu.yaml trl_diffusion/scripts/diffusion_dpo.py \
     --model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
-    --dataset_name yuvalkirstain/pickapic_v2 \
-    --dataset_train_split "train[:100000]" \
+    --dataset_name data-is-better-together/open-image-preferences-v1-binarized \
+    --dataset_train_split train \
     --use_peft --lora_r 8 --lora_alpha 8 \
     --beta 2500 \
     --learning_rate 1e-5 \

@@ -5,8 +5,8 @@ Diffusion-KTO (Li et al. 2024) on unpaired rows (prompt, image, label), or on a 
 ```bash
 accelerate launch --config_file multi_gpu.yaml trl_diffusion/scripts/diffusion_kto.py \
     --model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
-    --dataset_name yuvalkirstain/pickapic_v2 \
-    --dataset_train_split "train[:100000]" \
+    --dataset_name data-is-better-together/open-image-preferences-v1-binarized \
+    --dataset_train_split train \
     --use_peft --lora_r 8 --lora_alpha 8 \
     --beta 1000 \
     --learning_rate 1e-5 \

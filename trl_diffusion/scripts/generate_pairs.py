@@ -5,7 +5,7 @@ On-policy preference pairs: sample a pipeline N times per prompt, score the imag
 ```bash
 trl-diffusion generate-pairs --accelerate_config multi_gpu --num_processes 8 \
     --model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --dtype bfloat16 \
-    --dataset_name yuvalkirstain/pickapic_v2 --dataset_split "validation_unique" --prompt_column caption \
+    --dataset_name pickapic-anonymous/pickapic_v1 --dataset_split "validation_unique" --prompt_column caption \
     --scorer pickscore --images_per_prompt 4 --min_reward_gap 0.5 \
     --num_inference_steps 30 --output_dir sdxl-pickscore-pairs \
     --push_to_hub --hub_dataset_id me/sdxl-pickscore-pairs
@@ -136,10 +136,10 @@ def load_prompts(args: GeneratePairsConfig) -> list[str]:
     else:
         from trl import ScriptArguments
 
-        from trl_diffusion.scripts.utils import _select_split, load_preference_dataset
+        from trl_diffusion.scripts.utils import load_preference_dataset, select_split
 
         dataset = load_preference_dataset(ScriptArguments(args.dataset_name, dataset_config=args.dataset_config))
-        dataset = _select_split(dataset, args.dataset_split)
+        dataset = select_split(dataset, args.dataset_split)
         if args.prompt_column not in dataset.column_names:
             raise ValueError(
                 f"{args.dataset_name} has no column {args.prompt_column!r}; it has {dataset.column_names}."

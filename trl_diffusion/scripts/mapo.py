@@ -6,8 +6,8 @@ MaPO (Hong et al. 2024): margin-aware preference optimization, no reference mode
 accelerate launch --config_file multi_gpu.yaml trl_diffusion/scripts/mapo.py \
     --model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 \
     --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix \
-    --dataset_name yuvalkirstain/pickapic_v2 \
-    --dataset_train_split "train[:100000]" \
+    --dataset_name data-is-better-together/open-image-preferences-v1-binarized \
+    --dataset_train_split train \
     --use_peft --lora_r 8 --lora_alpha 8 \
     --beta 0.1 \
     --resolution 1024 \

@@ -55,41 +55,55 @@ def _is_saved_to_disk(path: str) -> bool:
     )
 
 
-def load_preference_dataset(script_args: ScriptArguments):
+def load_preference_dataset(script_args: ScriptArguments, skip_invalid_rows: bool = False):
     """``datasets.load_dataset(dataset_name, name=dataset_config)``: a Hub id, a local data folder or file(s).
 
-    A folder written by ``save_to_disk`` is read with ``load_from_disk``, which ``load_dataset`` refuses.
+    A folder written by ``save_to_disk`` is read with ``load_from_disk``, which ``load_dataset`` refuses, and a folder
+    of pairs (``chosen/``, ``rejected/``, ``captions/``; see `trl_diffusion.pair_folders`) with
+    `load_pair_folder` (``skip_invalid_rows`` leaves out, and counts, its bad pairs). With ``dataset_streaming`` the
+    splits are `datasets.IterableDataset` streams: a Hub or data-file dataset is streamed by ``load_dataset``, a local
+    folder is read as a one-shard stream.
     """
     import datasets
 
+    from ..pair_folders import is_pair_folder, load_pair_folder
+
     if not script_args.dataset_name:
         raise ValueError("dataset_name is required: a Hub dataset id, a local folder or a data file.")
-    if script_args.dataset_streaming:
-        raise ValueError(
-            "dataset_streaming is not supported: preference pairs are checked and indexed before training. "
-            "Load a slice instead (e.g. `dataset_train_split: train[:10000]`)."
-        )
-    name = script_args.dataset_name
-    if _is_saved_to_disk(name):
+    name, streaming = script_args.dataset_name, script_args.dataset_streaming
+    if is_pair_folder(name):
+        dataset = datasets.DatasetDict(train=load_pair_folder(name, skip_invalid_rows=skip_invalid_rows))
+    elif _is_saved_to_disk(name):
         dataset = datasets.load_from_disk(name)
-        return dataset if isinstance(dataset, datasets.DatasetDict) else datasets.DatasetDict(train=dataset)
-    if os.path.isfile(name):
+        dataset = dataset if isinstance(dataset, datasets.DatasetDict) else datasets.DatasetDict(train=dataset)
+    elif os.path.isfile(name):
         extension = os.path.splitext(name)[1].lstrip(".")
         builder = {"jsonl": "json", "pq": "parquet"}.get(extension, extension)
-        return datasets.load_dataset(builder, data_files={"train": name})
-    return datasets.load_dataset(name, name=script_args.dataset_config)
+        return datasets.load_dataset(builder, data_files={"train": name}, streaming=streaming)
+    else:
+        return datasets.load_dataset(name, name=script_args.dataset_config, streaming=streaming)
+    if streaming:
+        return datasets.IterableDatasetDict({split: part.to_iterable_dataset() for split, part in dataset.items()})
+    return dataset
 
 
-def _select_split(dataset, split: str):
-    """``dataset[split]``, accepting slicing syntax such as ``train[:1000]``."""
+def select_split(dataset, split: str):
+    """``dataset[split]``, accepting slicing syntax such as ``train[:1000]`` (``skip``/``take`` on a stream)."""
     if split in dataset:
         return dataset[split]
     import re
+
+    import datasets
 
     match = re.fullmatch(r"(\w+)\[(-?\d*):(-?\d*)\]", split)
     if match and match.group(1) in dataset:
         full = dataset[match.group(1)]
         start, stop = (int(value) if value else None for value in match.group(2, 3))
+        if isinstance(full, datasets.IterableDataset):
+            if (start or 0) < 0 or (stop is not None and stop < 0):
+                raise ValueError(f"A streamed split has no length: {split!r} cannot count from its end.")
+            part = full.skip(start) if start else full
+            return part.take(stop - (start or 0)) if stop is not None else part
         return full.select(range(*slice(start, stop).indices(len(full))))
     raise ValueError(f"The dataset has no split {split!r}; it has {list(dataset)}.")
 
@@ -103,14 +117,14 @@ def run_training(trainer_class, script_args, training_args, model_args):
         model = resolve_model_path(model_args.model_name_or_path)
     else:
         model = load_pipeline(model_args)
-    dataset = load_preference_dataset(script_args)
+    dataset = load_preference_dataset(script_args, skip_invalid_rows=training_args.skip_invalid_rows)
     eval_dataset = None
     if training_args.eval_strategy != "no":
-        eval_dataset = _select_split(dataset, script_args.dataset_test_split)
+        eval_dataset = select_split(dataset, script_args.dataset_test_split)
     trainer = trainer_class(
         model=model,
         args=training_args,
-        train_dataset=_select_split(dataset, script_args.dataset_train_split),
+        train_dataset=select_split(dataset, script_args.dataset_train_split),
         eval_dataset=eval_dataset,
         peft_config=get_peft_config(model_args),
     )

@@ -147,11 +147,14 @@ class AdaptiveDPOTrainer(DiffusionPreferenceTrainer):
             flip_threshold=args.minority_flip_threshold if args.flip_minority_labels else None,
         )
         if args.save_minority_scores and step.mode == "train":
-            u = metrics["adaptive/u_mean"]
-            rows = step.inputs["row_index"].to(u.device, torch.float64)
-            step_column = torch.full_like(rows, self.state.global_step)
-            self._minority_rows.append(torch.stack([step_column, rows, u.double()], dim=1))
+            self._buffer_minority_scores(step.inputs["row_index"], metrics["adaptive/u_mean"])
         return loss, metrics
+
+    def _buffer_minority_scores(self, row_index: torch.Tensor, u: torch.Tensor) -> None:
+        """Keep ``(global_step, dataset row, u)`` of each pair on the device until ``flush_minority_scores``."""
+        rows = row_index.to(u.device, torch.float64)
+        step_column = torch.full_like(rows, self.state.global_step)
+        self._minority_rows.append(torch.stack([step_column, rows, u.double()], dim=1))
 
     def flush_minority_scores(self):
         """Append the buffered per-pair minority scores (step, dataset row, u) to ``minority_scores.csv``."""

@@ -139,12 +139,13 @@ class DiffusionPreferenceConfig(_BaseConfig):
 
     Args: Speed and memory:
         precompute_encodings: Encode every pair's images (VAE latents) and prompt (the family's prompt embeddings)
-            once, before training, with `datasets.map`, and train from that cache: no VAE or text encoder runs during
-            training, and a rerun on the same data and model reuses the cache. `None` means on whenever the encodings
-            are a function of the pair alone, i.e. unless `random_crop` is set (random crops stay on the per-step path;
-            setting both is an error). With `random_flip` both flips are cached (twice the latent storage) and each
-            step picks one per pair. Defaults to `None`.
-        encodings_cache_dir: Folder of the encoding cache files. `None`: beside the dataset's own cache files (a
+            once, before training (every process its shards; one embedding per distinct prompt), and train from that
+            cache: no VAE or text encoder runs during training, and a rerun on the same data and model reuses the
+            cache. `None` means on whenever the encodings are a function of the pair alone, i.e. unless `random_crop`
+            or `temporal_crop="random"` is set (random crops stay on the per-step path; setting both is an error). With
+            `random_flip` both flips are cached (twice the latent storage) and each step picks one per pair. Defaults
+            to `None`.
+        encodings_cache_dir: Folder of the encoding caches, one that every process sees. `None`: beside the dataset's own cache files (a
             dataset from `load_dataset`), or `<HF_DATASETS_CACHE>/trl_diffusion_encodings` for an in-memory dataset.
             Defaults to `None`.
         precompute_ref_errors: Methods with a reference (Diffusion-DPO, Adaptive-DPO): compute the reference's errors
@@ -317,8 +318,8 @@ class DiffusionPreferenceConfig(_BaseConfig):
     precompute_encodings: bool | None = field(
         default=None,
         metadata={
-            "help": "Encode images and prompts once with datasets.map and train from that cache. None: on unless "
-            "random_crop is set."
+            "help": "Encode images and prompts once, before training, and train from that cache. None: on unless "
+            "crops are random."
         },
     )
     encodings_cache_dir: str | None = field(
@@ -376,7 +377,7 @@ class DiffusionPreferenceConfig(_BaseConfig):
     @property
     def encodings_cached(self) -> bool:
         """Whether the trainer trains from the encoding cache: ``precompute_encodings``, and by default (``None``)
-        whenever the encodings can be cached (see [`uncacheable_reason`])."""
+        whenever the encodings can be cached (see [`uncacheable_reason`][])."""
         if self.precompute_encodings is None:
             return self.uncacheable_reason is None
         return self.precompute_encodings

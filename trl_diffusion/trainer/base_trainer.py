@@ -200,11 +200,6 @@ class DiffusionPreferenceTrainer(Trainer):
 
     # ----- set-up -----
 
-    @property
-    def _uses_reference(self) -> bool:
-        """The former name of [`uses_reference`][]."""
-        return self.uses_reference
-
     def _check_reference_arguments(self, ref_model, args: DiffusionPreferenceConfig, peft_config) -> None:
         """Refuse a ``ref_model`` that the method or the LoRA set-up would not use."""
         if ref_model is not None and not self.uses_reference:

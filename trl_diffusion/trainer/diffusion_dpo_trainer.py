@@ -20,7 +20,7 @@ class DiffusionDPOTrainer(DiffusionPreferenceTrainer):
         from peft import LoraConfig
         from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
 
-        dataset = load_dataset("yuvalkirstain/pickapic_v2", split="train[:1000]")
+        dataset = load_dataset("data-is-better-together/open-image-preferences-v1-binarized", split="train")
         trainer = DiffusionDPOTrainer(
             model="stable-diffusion-v1-5/stable-diffusion-v1-5",
             args=DiffusionDPOConfig(output_dir="sd15-dpo", per_device_train_batch_size=8, max_steps=2000),

@@ -25,7 +25,8 @@ class DiffusionKTOTrainer(DiffusionPreferenceTrainer):
         from peft import LoraConfig
         from trl_diffusion import DiffusionKTOConfig, DiffusionKTOTrainer
 
-        dataset = load_dataset("yuvalkirstain/pickapic_v2", split="train[:1000]")  # unpaired into likes and dislikes
+        # pairs, unpaired into likes and dislikes
+        dataset = load_dataset("data-is-better-together/open-image-preferences-v1-binarized", split="train")
         trainer = DiffusionKTOTrainer(
             model="stable-diffusion-v1-5/stable-diffusion-v1-5",
             args=DiffusionKTOConfig(output_dir="sd15-kto", per_device_train_batch_size=16, max_steps=2000),

@@ -2,7 +2,7 @@
 
 The cache mechanics (fingerprints, shards, storage) are in `trl_diffusion.encodings`, which knows nothing of the
 trainer: this module hands it explicit inputs (the family's encode functions and frozen modules, the cache options,
-the processes) and returns what the trainer adopts ([`CachedData`]).
+the processes) and returns what the trainer adopts ([`CachedData`][]).
 
 Every process takes part: each encodes its shards of the pairs, and with ``precompute_ref_errors`` each computes the
 reference errors of its shards of the pairs. Under ZeRO-3 or FSDP the reference is sharded and its forward is
@@ -13,7 +13,7 @@ sharded forward on every rank).
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from accelerate.utils import send_to_device
@@ -33,6 +33,10 @@ from ..encodings import (
 from ..noise import FIXED_NOISE_STEP, noise_step
 
 
+if TYPE_CHECKING:
+    from .base_trainer import DiffusionPreferenceTrainer
+
+
 logger = logging.getLogger(__name__)
 
 # Keys of a collated batch that stay on the host (the per-pair noise is drawn there)
@@ -44,7 +48,8 @@ class CachedData:
     """What the trainer adopts once its datasets are encoded.
 
     Attributes:
-        train_dataset, eval_dataset: the datasets, encoded where they were [`PreferenceDataset`]s.
+        train_dataset: the training dataset, encoded where it was a [`PreferenceDataset`][].
+        eval_dataset: the evaluation dataset(s), encoded likewise.
         empty_prompt_embeds: the family's encoding of the empty prompt (caption dropout), or ``None``.
         num_skipped: training pairs left out of the cache for an unreadable image.
         release_reference: the reference errors are stored: the frozen reference copy can be released.
@@ -91,7 +96,7 @@ def processes_of(accelerator) -> ProcessGroup:
     return ProcessGroup(accelerator.process_index, accelerator.num_processes, accelerator.wait_for_everyone)
 
 
-def encoders_of(trainer) -> Encoders:
+def encoders_of(trainer: "DiffusionPreferenceTrainer") -> Encoders:
     """The trainer's family encoders and what identifies them (family, pipeline, model, revision, options)."""
     family = trainer.family
     identity = {
@@ -117,7 +122,7 @@ def cache_options_of(args, dataset: PreferenceDataset) -> CacheOptions:
     )
 
 
-def reference_errors_key(trainer, mode: str) -> dict[str, Any]:
+def reference_errors_key(trainer: "DiffusionPreferenceTrainer", mode: str) -> dict[str, Any]:
     """Everything stored reference errors depend on besides the encodings: the reference's weights, the seed and
     fixed step of the noise, the compute dtype, the family's options, caption dropout and the scheduler."""
     reference = trainer.ref_model if trainer.ref_model is not None else trainer.model
@@ -138,7 +143,10 @@ def reference_errors_key(trainer, mode: str) -> dict[str, Any]:
 
 
 def reference_errors_function(
-    trainer, dataset: EncodedPreferenceDataset, mode: str, prepare_inputs: Callable[[dict], dict]
+    trainer: "DiffusionPreferenceTrainer",
+    dataset: EncodedPreferenceDataset,
+    mode: str,
+    prepare_inputs: Callable[[dict], dict],
 ) -> Callable[[list[int]], torch.Tensor]:
     """Pair indices of ``dataset`` to their ``(B, k)`` reference errors, exactly as the live reference's step."""
 
@@ -159,13 +167,15 @@ def to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {**send_to_device(inputs, device), **host}
 
 
-def prepare_cached_datasets(trainer, prepare_inputs: Callable[[dict], dict] | None = None) -> CachedData | None:
+def prepare_cached_datasets(
+    trainer: "DiffusionPreferenceTrainer", prepare_inputs: Callable[[dict], dict] | None = None
+) -> CachedData | None:
     """Encode the trainer's datasets (every process its shards), add reference errors with ``precompute_ref_errors``;
     ``None`` when the config trains without the cache.
 
     Args:
         trainer: a `DiffusionPreferenceTrainer` (its public attributes: args, family, accelerator, datasets...).
-        prepare_inputs: moves a collated batch to the device as the training step does (default: [`to_device`]).
+        prepare_inputs: moves a collated batch to the device as the training step does (default: [`to_device`][]).
     """
     args, accelerator = trainer.args, trainer.accelerator
     check_cache_options(args, trainer.uses_reference, accelerator)
