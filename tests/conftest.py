@@ -14,7 +14,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
 
-# make_pickapic and png_bytes stay importable from conftest (their former home) for tests not yet moved over.
+# make_pickapic and png_bytes (now in tests/helpers/rows.py) stay importable from conftest, their former home.
 from helpers.rows import make_pickapic, png_bytes  # noqa: E402, F401
 
 from trl_diffusion.model_config import resolve_model_path  # noqa: E402
