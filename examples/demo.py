@@ -3,15 +3,16 @@
 1. Pre-train a tiny Stable Diffusion model from scratch on captioned pictures of a square ("a teal square"), or reuse
    the one cached for the same seed. It follows its prompt loosely and makes squares of every saturation, brightness,
    size and position (see `trl_diffusion.testing.synthetic`).
-2. Self-generate preference pairs from it and label each by the true reward (``--reward``: saturation by default).
-   Every pair matches an image from the upper half of its caption's images, by reward, with one from the lower half.
+2. Self-generate preference pairs from it and label each by the true reward (``--reward``: by default ``size``, the
+   fraction of the picture the square covers). Every pair matches an image from the upper half of its caption's
+   images, by reward, with one from the lower half.
 3. Train `DiffusionDPOTrainer` (or ``--method mapo|adaptive``) with LoRA on the pairs.
 4. Generate with unseen seeds from the base model and from base + LoRA, and report the win rate of the tuned images
    by the true reward, the mean gain with its 95% bootstrap interval, and a before/after image grid.
 
 The demo exits with status 1 when it shows no effect: when the interval of the mean gain is not above 0.
 
-Run it with `make demo`, or `python examples/demo.py --output_dir demo_output [--reward size] [--seed 3]`.
+Run it with `make demo`, or `python examples/demo.py --output_dir demo_output [--reward saturation] [--seed 3]`.
 """
 
 import argparse
@@ -53,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--method", choices=list(METHODS), default="dpo")
     parser.add_argument(
         "--reward",
-        default="saturation",
+        default="size",
         help=f"The true reward: one of {', '.join(REWARDS)}; a leading '-' prefers the opposite (--reward=-size).",
     )
     parser.add_argument("--num_pairs", type=int, default=512)

@@ -13,9 +13,7 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="trl-diffusion-tests-d
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from datasets import Dataset  # noqa: E402
-
-# make_pickapic and png_bytes stay importable from conftest (their former home) for tests not yet moved over.
-from helpers.rows import make_pickapic, png_bytes  # noqa: E402, F401
+from helpers.rows import make_pickapic  # noqa: E402
 
 from trl_diffusion.model_config import resolve_model_path  # noqa: E402
 from trl_diffusion.testing.tiny_models import (  # noqa: E402

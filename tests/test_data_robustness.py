@@ -219,7 +219,7 @@ def test_all_unreadable_images_in_a_batch_are_explained():
 
 
 def test_over_long_captions_are_truncated_by_the_tokenizer(tiny_sd, tmp_path):
-    from test_trainers import make_trainer
+    from helpers.trainers import make_trainer
 
     data = make_pickapic(4).to_dict()
     data["caption"] = [" ".join(["a very long caption"] * 500)] * 4

@@ -43,3 +43,31 @@ def test_demo_reports_an_effect_only_when_the_interval_is_above_zero(tmp_path, c
 def test_demo_rejects_an_unknown_reward_before_any_work():
     with pytest.raises(ValueError, match="Unknown reward 'sharpness'"):
         load_demo().parse_args(["--reward", "sharpness"])
+
+
+def test_demo_evaluation_gives_every_prompt_its_own_seeds(tiny_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from trl_diffusion.evaluation import summarize
+    from trl_diffusion.scorers import redness_scorer
+
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    base.set_progress_bar_config(disable=True)
+    base.unet.add_adapter(LoraConfig(r=2, init_lora_weights="gaussian", target_modules=["to_q", "to_v"]))
+    lora_layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(base.unet))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=lora_layers)
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    base.set_progress_bar_config(disable=True)
+    demo = load_demo()
+    result = demo.evaluate(base, redness_scorer, str(tmp_path / "lora"), num_seeds=2)
+    seeds = [row["seed"] for row in result.rows]
+    assert len(result.rows) == 2 * len(demo.TRAIN_COLOURS) and len(set(seeds)) == len(seeds)
+    assert [row["prompt"] for row in result.rows[::2]] == [demo.caption(colour) for colour in demo.TRAIN_COLOURS]
+    base_scores, tuned_scores = [r["base_score"] for r in result.rows], [r["tuned_score"] for r in result.rows]
+    assert (result.win_rate, result.mean_difference, result.ci_low, result.ci_high) == summarize(
+        base_scores, tuned_scores
+    )
+    assert len(result.base_images) == len(result.tuned_images) == len(result.rows)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 from helpers.rows import make_pickapic
-from test_trainers import _snapshot, make_trainer
+from helpers.trainers import make_trainer, snapshot
 
 from trl_diffusion import DiffusionKTOTrainer, UnpairedPreferenceDataset, unpair_preference_dataset
 from trl_diffusion.losses import diffusion_kto_loss
@@ -15,9 +15,9 @@ def test_lora_trains_the_adapters_only_on_unpaired_rows(tiny_sd, tmp_path):
     rows = unpair_preference_dataset(make_pickapic(4))
     trainer = make_trainer("kto", tiny_sd, tmp_path, dataset=rows, per_device_train_batch_size=4)
     assert isinstance(trainer, DiffusionKTOTrainer) and trainer.ref_model is None
-    before = _snapshot(trainer.model)
+    before = snapshot(trainer.model)
     trainer.train()
-    after = _snapshot(trainer.model)
+    after = snapshot(trainer.model)
     lora_keys = [k for k in before if "lora_" in k]
     base_keys = [k for k in before if "lora_" not in k]
     assert all(torch.equal(before[k], after[k]) for k in base_keys)
@@ -29,11 +29,11 @@ def test_lora_trains_the_adapters_only_on_unpaired_rows(tiny_sd, tmp_path):
 
 def test_full_finetune_trains_the_denoiser_against_a_frozen_copy(tiny_sd, tmp_path):
     trainer = make_trainer("kto", tiny_sd, tmp_path, peft=False, dataset=make_pickapic(4))
-    initial, reference_before = _snapshot(trainer.model), _snapshot(trainer.ref_model)
+    initial, reference_before = snapshot(trainer.model), snapshot(trainer.ref_model)
     trainer.train()
-    trained = _snapshot(trainer.model)
+    trained = snapshot(trainer.model)
     assert sum(not torch.equal(initial[k], trained[k]) for k in initial) > len(initial) // 2
-    reference_after = _snapshot(trainer.ref_model)
+    reference_after = snapshot(trainer.ref_model)
     assert all(torch.equal(reference_before[k], reference_after[k]) for k in reference_before)
 
 

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 from helpers.rows import make_pickapic
+from helpers.trainers import make_trainer, wan_args
 from helpers.videos import make_video_pairs
 from peft import LoraConfig
 from PIL import Image
-from test_trainers import make_trainer
-from test_wan import wan_args
 
 from trl_diffusion import METHODS, DiffusionDPOConfig, DiffusionDPOTrainer
 from trl_diffusion.evaluation import (

@@ -4,9 +4,9 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 from helpers.rows import make_pickapic
+from helpers.trainers import make_trainer, snapshot
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from test_trainers import _snapshot, make_trainer
 
 
 @pytest.fixture(scope="module")
@@ -56,9 +56,9 @@ def test_reference_base_plus_adapter_is_the_pipeline_with_that_lora(method, tiny
         torch.testing.assert_close(_errors_of(trainer, reference, step), expected)
     # training starts from the user's LoRA: the policy computes what the LoRA pipeline computes
     torch.testing.assert_close(_errors_of(trainer, trainer.model, step), expected)
-    before = _snapshot(trainer.model)
+    before = snapshot(trainer.model)
     trainer.train()
-    after = _snapshot(trainer.model)
+    after = snapshot(trainer.model)
     trained = [k for k in before if ".default." in k]
     frozen = [k for k in before if ".default." not in k]  # the base and the "reference" adapter
     assert any(".reference." in k for k in frozen) and all(torch.equal(before[k], after[k]) for k in frozen)

@@ -18,13 +18,11 @@ from diffusers.pipelines.flux.pipeline_flux import calculate_shift
 from diffusers.pipelines.flux2.pipeline_flux2 import compute_empirical_mu
 from diffusers.training_utils import compute_density_for_timestep_sampling
 from helpers.rows import make_pickapic
+from helpers.trainers import check_lora_training, make_args
 from peft import LoraConfig
-from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file
 
 from trl_diffusion import (
     METHODS,
-    DiffusionPreferenceConfig,
     MaPOConfig,
     MaPOTrainer,
 )
@@ -56,24 +54,6 @@ FAMILIES = {
     "tiny_qwen_image": QwenImageFamily,
     "tiny_z_image": ZImageFamily,
 }
-
-
-def make_args(tmp_path, config_class=DiffusionPreferenceConfig, **overrides) -> DiffusionPreferenceConfig:
-    settings = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 2,
-        "max_steps": 2,
-        "learning_rate": 1e-2,
-        "resolution": 16,
-        "dataloader_num_workers": 0,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "bf16": False,
-        "seed": 0,
-        **overrides,
-    }
-    return config_class(**settings)
 
 
 def load_family(path: str, tmp_path, **overrides):
@@ -352,27 +332,7 @@ def test_lora_training_saves_an_adapter_the_pipeline_loads(model_fixture, method
         peft_config=LoraConfig(r=4, lora_alpha=4),
     )
     assert type(trainer.family) is FAMILIES[model_fixture]
-    before = {name: tensor.clone() for name, tensor in trainer.model.state_dict().items()}
-    trainer.train()
-    after = trainer.model.state_dict()
-    base_keys = [name for name in before if "lora_" not in name]
-    adapter_keys = [name for name in before if "lora_B" in name and ".default." in name]
-    assert base_keys and adapter_keys
-    assert all(torch.equal(before[name], after[name]) for name in base_keys)
-    assert all(not torch.equal(before[name], after[name]) for name in adapter_keys)
-    assert all(math.isfinite(log["loss"]) for log in trainer.state.log_history if "loss" in log)
-    trainer.save_model()
-    saved = load_file(tmp_path / "run" / "pytorch_lora_weights.safetensors")
-
-    pipeline = DiffusionPipeline.from_pretrained(path)
-    without_lora = generate(pipeline)
-    pipeline.load_lora_weights(str(tmp_path / "run"))
-    denoiser = getattr(pipeline, trainer.family.denoiser_name)
-    (adapter_name,) = denoiser.peft_config
-    loaded = get_peft_model_state_dict(denoiser, adapter_name=adapter_name)
-    assert len(loaded) == len(saved)
-    assert all(name.startswith(f"{trainer.family.denoiser_name}.") for name in saved)
-    assert np.abs(generate(pipeline) - without_lora).max() > 1e-5
+    check_lora_training(trainer, path, generate)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 import torch
 from helpers.faults import all_finite, inject_nan_error
 from helpers.runs import load_weights
-from test_trainers import make_trainer
+from helpers.trainers import make_trainer
 from transformers import TrainerCallback
 
 from trl_diffusion.trainer.checkpoints import COMPLETE_MARKER

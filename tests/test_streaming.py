@@ -9,6 +9,7 @@ from datasets import Dataset
 from datasets import Image as ImageFeature
 from helpers.rows import make_pickapic
 from helpers.runs import STRICT, assert_same_weights, run, run_in_process, tiny_args
+from helpers.trainers import tiny_config
 from peft import LoraConfig
 
 from trl_diffusion import DiffusionDPOConfig, DiffusionDPOTrainer
@@ -85,25 +86,10 @@ def test_a_stream_that_is_not_split_evenly_by_shards_is_split_by_rows():
 
 
 def _stream_trainer(tiny_sd, output_dir, stream, **overrides) -> DiffusionDPOTrainer:
-    settings = {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": 2,
-        "max_steps": 3,
-        "learning_rate": 0.05,
-        "optim": "sgd",
-        "lr_scheduler_type": "constant",
-        "resolution": 16,
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": False,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        **overrides,
-    }
+    sgd = {"max_steps": 3, "learning_rate": 0.05, "optim": "sgd", "lr_scheduler_type": "constant"}
     return DiffusionDPOTrainer(
         model=tiny_sd,
-        args=DiffusionDPOConfig(**settings),
+        args=tiny_config(DiffusionDPOConfig, output_dir, **{**sgd, "dataloader_pin_memory": False, **overrides}),
         train_dataset=stream,
         peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian"),
     )

@@ -1,5 +1,4 @@
 import csv
-import gc
 import os
 
 import pytest
@@ -8,46 +7,18 @@ from datasets import Dataset
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from diffusers.training_utils import EMAModel
 from helpers.rows import make_pickapic
+from helpers.trainers import live_unets, make_trainer, snapshot
 from huggingface_hub import ModelCard
 from peft import LoraConfig
 from transformers import TrainerCallback
 
 from trl_diffusion import (
-    METHODS,
     AdaptiveDPOConfig,
     DiffusionDPOConfig,
     DiffusionDPOTrainer,
     MaPOConfig,
     MaPOTrainer,
 )
-
-
-def make_trainer(method, model, output_dir, peft=True, dataset=None, eval_dataset=None, **overrides):
-    trainer_class, config_class = METHODS[method]
-    settings = {
-        "output_dir": str(output_dir),
-        "per_device_train_batch_size": 2,
-        "max_steps": 2,
-        "learning_rate": 1e-2 if peft else 1e-3,
-        "resolution": 16,
-        "dataloader_num_workers": 0,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "seed": 0,
-        **overrides,
-    }
-    return trainer_class(
-        model=model,
-        args=config_class(**settings),
-        train_dataset=dataset if dataset is not None else make_pickapic(8),
-        eval_dataset=eval_dataset,
-        peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights="gaussian") if peft else None,
-    )
-
-
-def _snapshot(module):
-    return {name: p.detach().clone() for name, p in module.state_dict().items()}
 
 
 @pytest.mark.parametrize(
@@ -62,9 +33,9 @@ def _snapshot(module):
 )
 def test_lora_trains_adapters_and_keeps_base_bit_identical(method, model_fixture, request, tmp_path):
     trainer = make_trainer(method, request.getfixturevalue(model_fixture), tmp_path)
-    before = _snapshot(trainer.model)
+    before = snapshot(trainer.model)
     trainer.train()
-    after = _snapshot(trainer.model)
+    after = snapshot(trainer.model)
     lora_keys = [k for k in before if "lora_" in k and ".default." in k]
     base_keys = [k for k in before if "lora_" not in k]
     assert lora_keys and base_keys
@@ -75,17 +46,17 @@ def test_lora_trains_adapters_and_keeps_base_bit_identical(method, model_fixture
 
 def test_full_finetune_trains_denoiser_and_keeps_reference_frozen(tiny_sd, tmp_path):
     trainer = make_trainer("dpo", tiny_sd, tmp_path, peft=False)
-    initial = _snapshot(trainer.model)
+    initial = snapshot(trainer.model)
     trainer.train()
-    trained = _snapshot(trainer.model)
-    reference = _snapshot(trainer.ref_model)
+    trained = snapshot(trainer.model)
+    reference = snapshot(trainer.ref_model)
     assert sum(not torch.equal(initial[k], trained[k]) for k in initial) > len(initial) // 2
     assert all(torch.equal(initial[k], reference[k]) for k in initial)
     assert not any(p.requires_grad for p in trainer.ref_model.parameters())
 
 
 def test_gradient_accumulation_matches_the_larger_batch(tiny_sd, tmp_path):
-    """Batch 4 and batch 2 x accumulation 2 make the same SGD updates (uncached path; cached: tests/test_speed.py).
+    """Batch 4 and batch 2 x accumulation 2 make the same SGD updates (uncached path; cached: tests/test_base_trainer.py).
 
     Plain SGD with a constant learning rate: each update is ``-lr * gradient``, so the weights differ only by the
     summation-order rounding of the two batchings (~1e-7 relative), on any CPU. Adam's first update is ``±lr`` for any
@@ -164,7 +135,7 @@ def test_model_card_contents(tiny_sd, tmp_path):
 
 
 def _lora_state(trainer):
-    return {k: v for k, v in _snapshot(trainer.model).items() if "lora_" in k}
+    return {k: v for k, v in snapshot(trainer.model).items() if "lora_" in k}
 
 
 @pytest.mark.parametrize("method", ["dpo", "adaptive"])
@@ -193,7 +164,7 @@ def test_full_finetune_resume_keeps_the_original_reference(tiny_sd, tmp_path):
     base = UNet2DConditionModel.from_pretrained(tiny_sd, subfolder="unet").state_dict()
     for key, value in resumed.ref_model.state_dict().items():
         assert torch.equal(value, base[key]), key
-    for key, value in _snapshot(full.model).items():
+    for key, value in snapshot(full.model).items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-5, atol=1e-7)
 
 
@@ -219,23 +190,18 @@ def test_metrics_use_trl_names_and_timestep_buckets(tiny_sd, tmp_path):
     assert "eval_loss" in metrics and "eval_rewards/accuracies" in metrics
 
 
-def _live_unets() -> set[int]:
-    gc.collect()
-    return {id(obj) for obj in gc.get_objects() if isinstance(obj, UNet2DConditionModel)}
-
-
 def test_mapo_never_builds_or_runs_a_reference(tiny_sd, tmp_path):
     for peft in (True, False):
-        before = _live_unets()
+        before = live_unets()
         trainer = make_trainer("mapo", tiny_sd, tmp_path / str(peft), peft=peft, max_steps=3)
-        assert len(_live_unets() - before) == 1 and trainer.ref_model is None
+        assert len(live_unets() - before) == 1 and trainer.ref_model is None
         calls = []
         trainer.model.register_forward_hook(lambda *_, calls=calls: calls.append(1))
         trainer.train()
         assert len(calls) == 3  # one forward per micro-batch, no reference pass
-    before = _live_unets()
+    before = live_unets()
     dpo = make_trainer("dpo", tiny_sd, tmp_path / "dpo", peft=False)
-    assert len(_live_unets() - before) == 2 and dpo.ref_model is not None  # the policy and its frozen copy
+    assert len(live_unets() - before) == 2 and dpo.ref_model is not None  # the policy and its frozen copy
     with pytest.raises(ValueError, match="uses no reference model"):
         MaPOTrainer(model=tiny_sd, ref_model=tiny_sd, args=MaPOConfig(output_dir=str(tmp_path)))
 
@@ -256,7 +222,7 @@ def test_dpo_with_lora_runs_the_network_twice_per_step_without_a_copy(tiny_sd, t
 
 
 def test_caption_dropout_drops_both_halves(tiny_sd, tmp_path):
-    # The per-step (uncached) path; the cached path substitutes the empty-prompt encoding (tests/test_speed.py).
+    # The per-step (uncached) path; the cached path substitutes the empty-prompt encoding (tests/test_encoding_cache.py).
     trainer = make_trainer(
         "dpo", tiny_sd, tmp_path, max_steps=1, proportion_empty_prompts=1.0, precompute_encodings=False
     )
@@ -310,11 +276,11 @@ class _DiffusersEMAAlongside(TrainerCallback):
 def test_adaptive_dpo_lora_annotators_match_diffusers_ema_model(tiny_sd, tmp_path):
     """The annotators are LoRA adapters (no copy of the network) on the authors' schedule: diffusers ``EMAModel``
     with its defaults, stepped alongside on the same parameters, holds the same weights after every step."""
-    before = _live_unets()
+    before = live_unets()
     decays = [0.5, 0.9999]
     # 12 steps: the 0.5 annotator reaches its cap at update 9, the 0.9999 one follows (1 + s)/(10 + s) throughout.
     trainer = make_trainer("adaptive", tiny_sd, tmp_path, max_steps=12, annotator_ema_decays=decays)
-    assert len(_live_unets() - before) == 1
+    assert len(live_unets() - before) == 1
     assert set(trainer.model.peft_config) == {"default", "ema_0", "ema_1"}
     names = [n for n, p in trainer.model.named_parameters() if ".default." in n and p.requires_grad]
     named = dict(trainer.model.named_parameters())

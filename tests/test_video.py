@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset, Video
+from helpers.trainers import wan_args
 from helpers.videos import make_video_pairs, moving_square
 from PIL import Image
-from test_wan import wan_args
 
 from trl_diffusion import DiffusionPreferenceCollator, MaPOTrainer
 from trl_diffusion.encodings import EncodedPreferenceDataset
