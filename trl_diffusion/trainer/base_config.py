@@ -394,24 +394,8 @@ class DiffusionPreferenceConfig(_BaseConfig):
         if self.video_size is not None and (len(self.video_size) != 2 or min(self.video_size) < 1):
             raise ValueError(f"video_size must be [height, width], got {self.video_size}.")
 
-    def __post_init__(self):
-        # TRL resolves an unset `bf16` to `not fp16`, which transformers then rejects on a machine without a bf16
-        # accelerator. Resolve it to bf16 only where the hardware has it, so the same config runs on a laptop.
-        if self.bf16 is None:
-            self.bf16 = not self.fp16 and not self.use_cpu and _bf16_accelerator_available()
-        super().__post_init__()
-        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
-            raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
-        if len(self.image_columns) != 2:
-            raise ValueError(f"image_columns must name exactly two columns, got {self.image_columns}.")
-        if self.reference not in ("base+adapter", "base"):
-            raise ValueError(f"reference must be 'base+adapter' or 'base', got {self.reference!r}.")
-        if self.timestep_buckets < 1:
-            raise ValueError(f"timestep_buckets must be at least 1, got {self.timestep_buckets}.")
-        if self.skip_nonfinite_steps < 0:
-            raise ValueError(f"skip_nonfinite_steps must be at least 0, got {self.skip_nonfinite_steps}.")
-        if self.vae_encode_batch_size < 1:
-            raise ValueError(f"vae_encode_batch_size must be at least 1, got {self.vae_encode_batch_size}.")
+    def _check_flow_options(self) -> None:
+        """The flow-matching timestep density and loss weighting."""
         if self.weighting_scheme not in FLOW_TIMESTEP_DENSITIES:
             hint = ""
             if self.weighting_scheme in FLOW_LOSS_WEIGHTINGS:
@@ -431,6 +415,41 @@ class DiffusionPreferenceConfig(_BaseConfig):
             raise ValueError(
                 f"mode_scale must be in [-1, 2/(pi - 2)] for the mode density to be valid, got {self.mode_scale}."
             )
+
+    def _check_saving_and_quantization_options(self) -> None:
+        """The LoRA file formats and the bitsandbytes options."""
+        unknown_formats = sorted(set(self.save_lora_format) - {"diffusers", "kohya"})
+        if unknown_formats:
+            raise ValueError(f"save_lora_format takes 'diffusers' and/or 'kohya', got {unknown_formats}.")
+        if self.load_in_4bit and self.load_in_8bit:
+            raise ValueError("Set at most one of load_in_4bit and load_in_8bit.")
+        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
+            raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.bnb_4bit_quant_type!r}.")
+        if self.bnb_4bit_compute_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise ValueError(
+                "bnb_4bit_compute_dtype must be None, 'bfloat16', 'float16' or 'float32', "
+                f"got {self.bnb_4bit_compute_dtype!r}."
+            )
+
+    def __post_init__(self):
+        # TRL resolves an unset `bf16` to `not fp16`, which transformers then rejects on a machine without a bf16
+        # accelerator. Resolve it to bf16 only where the hardware has it, so the same config runs on a laptop.
+        if self.bf16 is None:
+            self.bf16 = not self.fp16 and not self.use_cpu and _bf16_accelerator_available()
+        super().__post_init__()
+        if not 0.0 <= self.proportion_empty_prompts <= 1.0:
+            raise ValueError(f"proportion_empty_prompts must be in [0, 1], got {self.proportion_empty_prompts}.")
+        if len(self.image_columns) != 2:
+            raise ValueError(f"image_columns must name exactly two columns, got {self.image_columns}.")
+        if self.reference not in ("base+adapter", "base"):
+            raise ValueError(f"reference must be 'base+adapter' or 'base', got {self.reference!r}.")
+        if self.timestep_buckets < 1:
+            raise ValueError(f"timestep_buckets must be at least 1, got {self.timestep_buckets}.")
+        if self.skip_nonfinite_steps < 0:
+            raise ValueError(f"skip_nonfinite_steps must be at least 0, got {self.skip_nonfinite_steps}.")
+        if self.vae_encode_batch_size < 1:
+            raise ValueError(f"vae_encode_batch_size must be at least 1, got {self.vae_encode_batch_size}.")
+        self._check_flow_options()
         if self.max_sequence_length is not None and self.max_sequence_length < 1:
             raise ValueError(f"max_sequence_length must be at least 1, got {self.max_sequence_length}.")
         self._check_video_options()
@@ -446,15 +465,4 @@ class DiffusionPreferenceConfig(_BaseConfig):
                 "temporal_crop='random'): each pair's stored reference error is for one fixed latent, noise and "
                 "timestep."
             )
-        unknown_formats = sorted(set(self.save_lora_format) - {"diffusers", "kohya"})
-        if unknown_formats:
-            raise ValueError(f"save_lora_format takes 'diffusers' and/or 'kohya', got {unknown_formats}.")
-        if self.load_in_4bit and self.load_in_8bit:
-            raise ValueError("Set at most one of load_in_4bit and load_in_8bit.")
-        if self.bnb_4bit_quant_type not in ("nf4", "fp4"):
-            raise ValueError(f"bnb_4bit_quant_type must be 'nf4' or 'fp4', got {self.bnb_4bit_quant_type!r}.")
-        if self.bnb_4bit_compute_dtype not in (None, "bfloat16", "float16", "float32"):
-            raise ValueError(
-                "bnb_4bit_compute_dtype must be None, 'bfloat16', 'float16' or 'float32', "
-                f"got {self.bnb_4bit_compute_dtype!r}."
-            )
+        self._check_saving_and_quantization_options()
