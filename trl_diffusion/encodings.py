@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, are_progress_bars_disabled, concatenate_datasets
 from datasets.arrow_writer import ArrowWriter
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
@@ -379,7 +379,9 @@ class ShardedTable:
             ]
             extra = max(counts) - len(batches)
         outputs = encode(batches + [self.layout.shard_batches(0)[0]] * extra)
-        progress = tqdm(total=len(batches) + extra, desc=desc, disable=not processes.is_main or not batches)
+        # Shown on the main process only, and silenced with the `datasets` bars (`datasets.disable_progress_bars()`)
+        quiet = not processes.is_main or not batches or are_progress_bars_disabled()
+        progress = tqdm(total=len(batches) + extra, desc=desc, disable=quiet)
         encoded = sum(self._write_shard(shard, outputs, processes.index, progress) for shard in mine)
         for _ in range(extra):
             next(outputs)
