@@ -30,7 +30,7 @@ from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
 from trl_diffusion import METHODS
-from trl_diffusion.evaluation import PreferenceEvaluation, evaluate_preference, image_grid, summarize
+from trl_diffusion.evaluation import PreferenceEvaluation, Scorer, evaluate_preference, image_grid, summarize
 from trl_diffusion.testing.synthetic import (
     GUIDANCE_SCALE,
     REWARDS,
@@ -96,7 +96,7 @@ def train(args: argparse.Namespace, base_path: str, dataset) -> str:
     return adapter_path
 
 
-def evaluate(base: StableDiffusionPipeline, reward, adapter_path: str, num_seeds: int) -> PreferenceEvaluation:
+def evaluate(base: StableDiffusionPipeline, reward: Scorer, adapter_path: str, num_seeds: int) -> PreferenceEvaluation:
     """Compare base and base + LoRA on every training prompt, each with its own ``num_seeds`` unseen seeds.
 
     The tiny model follows its prompt loosely (guidance 1), so one seed gives much the same picture under every
