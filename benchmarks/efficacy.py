@@ -48,19 +48,22 @@ import transformers
 from common import command_line, rows_per_pair, write_section
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from peft import LoraConfig
+from PIL import Image
 
 import trl_diffusion
 from trl_diffusion import METHODS
-from trl_diffusion.evaluation import generate_images, saturation_scorer, summarize
+from trl_diffusion.evaluation import generate_paired, saturation_scorer, summarize
 from trl_diffusion.testing.synthetic import (
     GUIDANCE_SCALE,
     HELD_OUT_COLOURS,
     TRAIN_COLOURS,
+    add_frame,
     caption,
     flip_labels,
     frame_scorer,
     mismatched_pairs,
     pretrain_base_model,
+    render_squares,
     self_generated_pairs,
     train_on_task,
 )
@@ -69,15 +72,22 @@ from trl_diffusion.testing.synthetic import (
 START, END = "<!-- efficacy:start -->", "<!-- efficacy:end -->"
 RECORDS = "records.jsonl"  # one JSON record per trained arm, appended as each finishes
 EVAL_SEED_OFFSET = 10_000  # evaluation seeds: never used to generate training pairs (those are drawn from 2^31)
+# 1: every prompt of a split with the same seeds; 2: every (prompt, seed) its own seed. --resume keeps only records
+# of the current protocol, so that one table never mixes the two.
+EVAL_PROTOCOL = 2
 # Two-sided 95% quantiles of Student's t for 1..10 degrees of freedom (beyond: the normal's 1.96 is within 3%).
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228]
 
 
 def method_settings(args) -> dict[str, dict]:
     """Per-method config overrides: the DPO family shares one β. Methods not listed train with their defaults."""
+    mapo = {"beta": args.mapo_beta} if args.mapo_beta is not None else {}
+    if args.mapo_learning_rate is not None:
+        mapo["learning_rate"] = args.mapo_learning_rate
     return {
         "dpo": {"beta": args.beta},
         "adaptive": {"beta": args.beta, "save_minority_scores": True},
+        "mapo": mapo,
     }
 
 
@@ -120,6 +130,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument("--beta", type=float, default=1000.0, help="The DPO family's shared β.")
     parser.add_argument("--beta_sweep", nargs="*", type=float, default=[], help="Extra β for DPO and Adaptive-DPO.")
+    parser.add_argument("--mapo_beta", type=float, default=None, help="MaPO's β; default: MaPOConfig's.")
+    parser.add_argument("--mapo_learning_rate", type=float, default=None, help="MaPO's lr; default: --learning_rate.")
     parser.add_argument("--label_smoothing", type=float, default=0.2, help="ε of the robust/conservative losses.")
     parser.add_argument("--num_pairs", type=int, default=256)
     parser.add_argument("--max_steps", type=int, default=60)
@@ -130,6 +142,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip_mismatch", action="store_true", help="Skip the reference-mismatch experiment.")
     parser.add_argument("--mismatch_arms", nargs="+", default=["dpo", "mapo"])
     parser.add_argument("--mismatch_learning_rate", type=float, default=3e-4, help="Full fine-tuning's lr.")
+    parser.add_argument(
+        "--mismatch_lora",
+        action="store_true",
+        help="Reference mismatch with LoRA at the shared lr, not the full UNet.",
+    )
     parser.add_argument("--quick", action="store_true", help="A tiny smoke run of every stage.")
     parser.add_argument(
         "--resume", action="store_true", help=f"Keep the runs already in output_dir/{RECORDS}; train the others."
@@ -147,7 +164,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(arm: Arm, base_path: str, dataset, output_dir: str, args, seed: int, full: bool = False):
     """Train one arm at the shared budget (LoRA, or the full UNet with ``full``); return the trainer and its seconds
-    per step. An unpaired method (Diffusion-KTO) reads each pair as two rows: twice the rows, the same images."""
+    per step. An unpaired method (Diffusion-KTO) reads each pair as two rows: twice the rows, the same images. The
+    arm's settings may override the learning rate (``--mapo_learning_rate``), never the budget."""
+    settings = {"learning_rate": args.mismatch_learning_rate if full else args.learning_rate, **arm.settings}
     return train_on_task(
         arm.method,
         base_path,
@@ -155,37 +174,44 @@ def train(arm: Arm, base_path: str, dataset, output_dir: str, args, seed: int, f
         output_dir,
         batch_size=args.batch_size * rows_per_pair(arm.method),
         max_steps=args.max_steps,
-        learning_rate=args.mismatch_learning_rate if full else args.learning_rate,
         seed=seed,
         peft_config=None if full else LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
         random_flip=True,
-        **arm.settings,
+        **settings,
     )
 
 
 class Evaluator:
     """Win rate of a tuned model over the base, with the same unseen seeds, on training and held-out prompts.
 
+    Every (prompt, seed) of the evaluation has a seed of its own, never reused under another prompt: the tiny model
+    follows its prompt loosely, so one seed under 8 prompts gives nearly one picture 8 times (docs/evaluation.md).
     The base images and scores are generated once per split and scorer, and reused for every tuned model.
     """
 
     def __init__(self, base: StableDiffusionPipeline, num_eval_seeds: int):
         self.base = base
-        seeds = list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + num_eval_seeds))
-        held_out = list(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + 4 * num_eval_seeds))
-        self.splits = {"": (TRAIN_COLOURS, seeds), "heldout_": (HELD_OUT_COLOURS, held_out)}
+        self.splits = {}
+        next_seed = EVAL_SEED_OFFSET
+        for split, colours, per_prompt in (
+            ("", TRAIN_COLOURS, num_eval_seeds),
+            ("heldout_", HELD_OUT_COLOURS, 4 * num_eval_seeds),
+        ):
+            prompts = [caption(colour) for colour in colours for _ in range(per_prompt)]
+            self.splits[split] = (prompts, list(range(next_seed, next_seed + len(prompts))))
+            next_seed += len(prompts)
         self._base_scores: dict[tuple, np.ndarray] = {}
 
     def _scores(self, pipeline, prompts, seeds, scorer) -> np.ndarray:
-        images = generate_images(
+        images = generate_paired(
             pipeline, prompts, seeds, batch_size=64, num_inference_steps=20, guidance_scale=GUIDANCE_SCALE
         )
-        return np.asarray(scorer(images, [p for p in prompts for _ in seeds]), dtype=np.float64)
+        return np.asarray(scorer(images, prompts), dtype=np.float64)
 
-    def __call__(self, scorer, lora: str | None = None, unet: str | None = None) -> dict:
-        record = {}
-        for split, (colours, seeds) in self.splits.items():
-            prompts = [caption(c) for c in colours]
+    def __call__(self, scorer, lora: str | None = None, unet: str | None = None, style: float | None = None) -> dict:
+        """The record of one tuned model; with ``style``, also the share of its images scoring above it."""
+        record = {"eval_protocol": EVAL_PROTOCOL}
+        for split, (prompts, seeds) in self.splits.items():
             key = (split, scorer.__name__)
             if key not in self._base_scores:
                 self._base_scores[key] = self._scores(self.base, prompts, seeds, scorer)
@@ -201,6 +227,9 @@ class Evaluator:
                 pipeline.set_progress_bar_config(disable=True)
                 tuned = self._scores(pipeline, prompts, seeds, scorer)
             rate, mean, low, high = summarize(self._base_scores[key], tuned)
+            if style is not None:
+                record[f"{split}style_rate"] = float((tuned > style).mean())
+                record[f"{split}base_style_rate"] = float((self._base_scores[key] > style).mean())
             record.update(
                 {
                     f"{split}win_rate": rate,
@@ -211,6 +240,16 @@ class Evaluator:
                 }
             )
         return record
+
+
+def frame_threshold(num_pictures: int = 256) -> float:
+    """The frame score above which an image shows the mismatch style: midway between the mean `frame_scorer` of the
+    task's pictures without the frame and with it (the rejected and the chosen style of the mismatch pairs)."""
+    rng = np.random.default_rng(0)
+    pictures = render_squares(list(rng.choice(TRAIN_COLOURS, num_pictures)), rng)
+    plain = frame_scorer([Image.fromarray(p) for p in pictures]).mean()
+    framed = frame_scorer([Image.fromarray(p) for p in add_frame(pictures)]).mean()
+    return float((plain + framed) / 2)
 
 
 def auroc(scores, positives) -> float:
@@ -265,15 +304,26 @@ def stages(args) -> list[tuple[str, float, list[Arm]]]:
     return [stage for stage in order if stage[2]]
 
 
+def resumed_records(records_path: str, resume: bool) -> list[dict]:
+    """The records to keep: with ``resume``, those of the current `EVAL_PROTOCOL` (the file is rewritten without the
+    others, which are trained again); without it, none (the file is removed)."""
+    if not resume or not os.path.exists(records_path):
+        if os.path.exists(records_path):
+            os.remove(records_path)
+        return []
+    with open(records_path) as f:
+        records = [json.loads(line) for line in f]
+    current = [r for r in records if r.get("eval_protocol", 1) == EVAL_PROTOCOL]
+    if len(current) < len(records):
+        print(f"Retraining {len(records) - len(current)} runs evaluated under an earlier protocol.", flush=True)
+        with open(records_path, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in current)
+    return current
+
+
 def run(args) -> list[dict]:
     os.makedirs(args.output_dir, exist_ok=True)
-    records_path = os.path.join(args.output_dir, RECORDS)
-    records = []
-    if args.resume and os.path.exists(records_path):
-        with open(records_path) as f:
-            records = [json.loads(line) for line in f]
-    elif os.path.exists(records_path):
-        os.remove(records_path)
+    records = resumed_records(os.path.join(args.output_dir, RECORDS), args.resume)
     done = {(r["experiment"], r["arm"], r["flip_rate"], r["seed"]) for r in records}
     with open(os.path.join(args.output_dir, "command.txt"), "w") as f:
         f.write(command_line("efficacy.py", [a for a in args.argv if a != "--resume"]))
@@ -298,10 +348,13 @@ def run(args) -> list[dict]:
                         clean_pairs[seed] = self_generated_pairs(base, args.num_pairs, seed=seed)
                     dataset = flip_labels(clean_pairs[seed], flip_rate, args.flip_mode, seed=seed)
                     folder = os.path.join(args.output_dir, name)
-                full = experiment == "mismatch"
+                full = experiment == "mismatch" and not args.mismatch_lora
                 trainer, seconds = train(arm, base_path, dataset, folder, args, seed, full=full)
-                scorer = frame_scorer if full else saturation_scorer
-                evaluation = evaluate(scorer, unet=folder) if full else evaluate(scorer, lora=folder)
+                scorer = frame_scorer if experiment == "mismatch" else saturation_scorer
+                style = frame_threshold() if experiment == "mismatch" else None
+                evaluation = (
+                    evaluate(scorer, unet=folder, style=style) if full else evaluate(scorer, folder, style=style)
+                )
                 records.append(record_run(experiment, arm, flip_rate, seed, trainer, seconds, evaluation, dataset))
     return records
 
@@ -404,25 +457,50 @@ def comparison_tables(records, args) -> list[str]:
     return lines
 
 
-def mismatch_and_speed_tables(records) -> list[str]:
-    lines = []
+def mismatch_tables(records, args) -> list[str]:
     mismatch = [r for r in records if r["experiment"] == "mismatch"]
-    if mismatch:
-        lines += ["", "Reference mismatch (white frame, full fine-tuning), frame-score win rate (%):", ""]
-        lines += ["| arm | training prompts | held-out prompts | frame-score difference |", "|---|---|---|---|"]
-        for arm in dict.fromkeys(r["arm"] for r in mismatch):
-            selected = runs(records, "mismatch", arm)
+    if not mismatch:
+        return []
+    lines = ["", f"Reference mismatch (white frame, {mismatch_description(args)}):", ""]
+    lines += ["| arm | measure | training prompts | held-out prompts |", "|---|---|---|---|"]
+    measures = [("win_rate", "frame-score win rate over the base (%)")]
+    if all("style_rate" in r for r in mismatch):
+        measures.append(("style_rate", "images with the frame (%)"))
+    for arm in dict.fromkeys(r["arm"] for r in mismatch):
+        selected = runs(records, "mismatch", arm)
+        for key, title in measures:
             lines.append(
-                f"| {arm} | {fmt([r['win_rate'] for r in selected])} | "
-                f"{fmt([r['heldout_win_rate'] for r in selected])} | "
-                f"{fmt([r['score_difference'] for r in selected], percent=False)} |"
+                f"| {arm} | {title} | {fmt([r[key] for r in selected])} | {fmt([r['heldout_' + key] for r in selected])} |"
             )
-        differences = paired(records, "mismatch", "mapo", "dpo", 0.0, "win_rate")
+        lines.append(
+            f"| {arm} | frame-score difference | {fmt([r['score_difference'] for r in selected], percent=False)} | "
+            f"{fmt([r['heldout_score_difference'] for r in selected], percent=False)} |"
+        )
+    if measures[1:]:
+        base = [r["base_style_rate"] for r in mismatch] + [r["heldout_base_style_rate"] for r in mismatch]
+        lines += [
+            "",
+            f"An image has the frame when its frame score exceeds {frame_threshold():.3f}, midway between "
+            "the task's pictures without and with the frame; the base's images: "
+            f"{100 * min(base):.1f}–{100 * max(base):.1f}% with the frame.",
+        ]
+    lines += [""]
+    for key, title in measures:
+        differences = paired(records, "mismatch", "mapo", "dpo", 0.0, key)
         if differences:
-            lines += ["", f"MaPO − DPO (points, paired): {fmt(differences, signed=True)}"]
+            lines.append(f"- MaPO − DPO, {title.split(' (')[0]} (points, paired): {fmt(differences, signed=True)}")
+    return lines
+
+
+def speed_lines(records) -> list[str]:
+    lines = []
     clean = [r for r in records if r["experiment"] == "flips" and r["flip_rate"] == 0.0]
     if any(r["arm"] == "dpo" for r in clean):
-        lines += ["", "Seconds per training step relative to DPO's (same seeds, clean pairs, LoRA):", ""]
+        lines += [
+            "",
+            "Seconds per training step relative to DPO's, per seed (same seeds, clean pairs, LoRA): mean [95% CI]:",
+            "",
+        ]
         for arm in dict.fromkeys(r["arm"] for r in clean):
             ratios = [
                 r["seconds_per_step"] / d["seconds_per_step"]
@@ -431,8 +509,24 @@ def mismatch_and_speed_tables(records) -> list[str]:
                 if d["seed"] == r["seed"]
             ]
             seconds = np.mean([r["seconds_per_step"] for r in runs(records, "flips", arm, 0.0)])
-            lines.append(f"- {arm}: {np.mean(ratios):.2f}× ({seconds:.3f} s/step)")
+            mean, low, high, ci_low, ci_high = mean_interval(ratios)
+            lines.append(
+                f"- {arm}: {mean:.2f}× [{ci_low:.2f}, {ci_high:.2f}] (range {low:.2f}…{high:.2f}; "
+                f"{seconds:.3f} s/step)"
+            )
     return lines
+
+
+def mapo_description(args) -> str:
+    beta = f"β = {args.mapo_beta:g}" if args.mapo_beta is not None else "its default β"
+    rate = f", lr {args.mapo_learning_rate:g}" if args.mapo_learning_rate is not None else ""
+    return f"MaPO at {beta}{rate}"
+
+
+def mismatch_description(args) -> str:
+    if args.mismatch_lora:
+        return f"LoRA r=8, lr {args.learning_rate:g}"
+    return f"full fine-tuning, lr {args.mismatch_learning_rate:g}"
 
 
 def write_results(records: list[dict], args, argv: list[str], elapsed: float | None) -> str:
@@ -455,13 +549,15 @@ def write_results(records: list[dict], args, argv: list[str], elapsed: float | N
             f"Seeds {sorted({r['seed'] for r in records})}; {args.num_pairs} self-generated pairs per seed; every arm {args.max_steps} steps of "
             f"{args.batch_size} pairs, lr {args.learning_rate:g} (LoRA r=8); DPO family at β = {args.beta:g} "
             f"(sweep: {', '.join(f'{b:g}' for b in args.beta_sweep) or 'none'}), robust/conservative "
-            f"ε = {args.label_smoothing:g}, MaPO at its default β; flips: {args.flip_mode}. Evaluation: "
+            f"ε = {args.label_smoothing:g}, {mapo_description(args)}; flips: {args.flip_mode}; reference mismatch: "
+            f"{mismatch_description(args)}, {args.max_steps} steps. Evaluation: "
             f"{len(TRAIN_COLOURS)} training prompts × {args.num_eval_seeds} unseen seeds and {len(HELD_OUT_COLOURS)} "
             f"held-out prompts × {4 * args.num_eval_seeds} seeds. Win rate: share of images where the tuned model "
             "has the higher true reward than the base with the same prompt and seed (ties ½).",
             *win_rate_tables(records),
             *comparison_tables(records, args),
-            *mismatch_and_speed_tables(records),
+            *mismatch_tables(records, args),
+            *speed_lines(records),
             END,
         ]
     )

@@ -25,7 +25,7 @@ from trl_diffusion.evaluation import (
     video_redness_scorer,
     win_rate,
 )
-from trl_diffusion.testing.synthetic import add_frame, frame_scorer, render_squares
+from trl_diffusion.testing.synthetic import HELD_OUT_COLOURS, TRAIN_COLOURS, add_frame, frame_scorer, render_squares
 from trl_diffusion.testing.tiny_models import build_tiny_clip_tokenizer
 
 
@@ -184,6 +184,7 @@ def test_efficacy_benchmark_smoke(tmp_path):
     assert {r["arm"] for r in records if r["experiment"] == "mismatch"} == {"dpo", "mapo"}
     assert len(records) == 2 * (len(METHODS) + 2 + 2)
     assert all(0 <= r["win_rate"] <= 1 and r["seconds_per_step"] > 0 for r in records)
+    assert {r["eval_protocol"] for r in records} == {efficacy.EVAL_PROTOCOL}
     assert {r["settings"].get("beta") for r in records if r["method"] in ("dpo", "adaptive")} == {1000.0}
     text = results.read_text()
     assert "kept" in text and "| adaptive |" in text and "| adaptive − dpo |" in text and "MaPO − DPO" in text
@@ -204,6 +205,26 @@ def test_efficacy_statistics_on_known_values():
     assert (mean, low, high) == pytest.approx((0.8, 0.6, 1.0)) and (ci_low, ci_high) == pytest.approx(
         (0.8 - half, 0.8 + half)
     )
+
+
+def test_efficacy_evaluation_seeds_are_distinct_and_resume_keeps_one_protocol(tmp_path):
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import efficacy
+
+    splits = efficacy.Evaluator(None, num_eval_seeds=3).splits
+    prompts, seeds = splits[""]
+    held_out_prompts, held_out_seeds = splits["heldout_"]
+    assert len(prompts) == 3 * len(TRAIN_COLOURS) and len(held_out_prompts) == 12 * len(HELD_OUT_COLOURS)
+    assert {prompts.count(p) for p in prompts} == {3}
+    # No seed is shared between two images: not across prompts, nor between the training and held-out prompts.
+    assert len(set(seeds + held_out_seeds)) == len(seeds) + len(held_out_seeds)
+
+    path = tmp_path / "records.jsonl"
+    old, new = {"arm": "dpo"}, {"arm": "mapo", "eval_protocol": efficacy.EVAL_PROTOCOL}
+    path.write_text(json.dumps(old) + "\n" + json.dumps(new) + "\n")
+    assert efficacy.resumed_records(str(path), resume=True) == [new]
+    assert path.read_text() == json.dumps(new) + "\n"  # the stale run is gone from the file, to be trained again
+    assert efficacy.resumed_records(str(path), resume=False) == [] and not path.exists()
 
 
 # ----- video -----
