@@ -11,19 +11,20 @@ true reward, saturation by default, is a property no prompt mentions):
    undesirable row per pair, twice the rows per batch), and the noise-robust arms
    (``--noise_arms``: DPO, Adaptive-DPO and DPO's ``robust``/``conservative`` losses, all at the same β) on every flip
    rate, with LoRA at one budget (steps × pairs per step); a small β sweep (``--beta_sweep``) repeats DPO and
-   Adaptive-DPO at the clean and the highest flip rate;
-4. generate from the base and from base + LoRA with the same unseen seeds, on the training prompts and on held-out
-   prompts, and report the true-reward win rate; Adaptive-DPO's per-pair minority scores (``minority_scores.csv``)
-   give the AUROC of ``u`` against the known flips;
+   Adaptive-DPO at the clean and the highest flip rate; ``--rewards`` repeats the clean arms with pairs labelled by
+   other true rewards (``brightness``, ``-size``...);
+4. generate from the base and from base + LoRA, every image with its own unseen seed, on the training prompts and on
+   held-out prompts, and report the true-reward win rate; Adaptive-DPO's per-pair minority scores
+   (``minority_scores.csv``) give the AUROC of ``u`` against the known flips;
 5. "reference mismatch": DPO and MaPO fine-tune the full UNet on pairs whose chosen image has a style the base never
-   makes (a white frame), and the win rate is measured on that style.
+   makes (a white frame); the frame-score win rate and the share of images that show the frame are measured.
 
 Per-step training time of every method is reported relative to DPO's, from the same runs. Every figure is the mean
 over the training seeds with its range and a 95% t-interval; method comparisons are paired by seed (same pairs, same
 evaluation seeds). Results (JSON records, markdown tables) go to ``--output_dir``; with ``--results`` the tables are
 written into that markdown file between markers, replacing an earlier run's.
 
-    python benchmarks/efficacy.py --results benchmarks/RESULTS.md   # the full benchmark (~40 min, 1 CPU thread)
+    python benchmarks/efficacy.py --results benchmarks/RESULTS.md   # the full benchmark (~1 h, 1 CPU thread)
     python benchmarks/efficacy.py --quick                            # a seconds-long smoke run of every stage
 
 A new method is one line: an entry in `trl_diffusion.METHODS` is trained on the clean pairs automatically; give it
@@ -39,6 +40,7 @@ import os
 import platform
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import diffusers
@@ -52,7 +54,7 @@ from PIL import Image
 
 import trl_diffusion
 from trl_diffusion import METHODS
-from trl_diffusion.evaluation import generate_paired, saturation_scorer, summarize
+from trl_diffusion.evaluation import generate_paired, summarize
 from trl_diffusion.testing.synthetic import (
     GUIDANCE_SCALE,
     HELD_OUT_COLOURS,
@@ -61,6 +63,7 @@ from trl_diffusion.testing.synthetic import (
     caption,
     flip_labels,
     frame_scorer,
+    get_reward,
     mismatched_pairs,
     pretrain_base_model,
     render_squares,
@@ -132,6 +135,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--beta_sweep", nargs="*", type=float, default=[], help="Extra β for DPO and Adaptive-DPO.")
     parser.add_argument("--mapo_beta", type=float, default=None, help="MaPO's β; default: MaPOConfig's.")
     parser.add_argument("--mapo_learning_rate", type=float, default=None, help="MaPO's lr; default: --learning_rate.")
+    parser.add_argument(
+        "--rewards",
+        nargs="*",
+        default=[],
+        help="Further true rewards (names of the task's REWARDS, '-' negates): every clean arm, 0%% flips.",
+    )
     parser.add_argument("--label_smoothing", type=float, default=0.2, help="ε of the robust/conservative losses.")
     parser.add_argument("--num_pairs", type=int, default=256)
     parser.add_argument("--max_steps", type=int, default=60)
@@ -158,7 +167,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.quick:
         args.flip_rates, args.seeds, args.num_pairs, args.max_steps = [0.0, 0.4], [0, 1], 8, 2
         args.pretrain_steps, args.num_eval_seeds, args.batch_size, args.beta_sweep = 4, 1, 4, []
-        args.noise_arms = ["dpo", "adaptive"]
+        args.noise_arms, args.rewards = ["dpo", "adaptive"], ["-size"]
     return args
 
 
@@ -208,11 +217,14 @@ class Evaluator:
         )
         return np.asarray(scorer(images, prompts), dtype=np.float64)
 
-    def __call__(self, scorer, lora: str | None = None, unet: str | None = None, style: float | None = None) -> dict:
-        """The record of one tuned model; with ``style``, also the share of its images scoring above it."""
+    def __call__(
+        self, scorer, scorer_name: str, lora: str | None = None, unet: str | None = None, style: float | None = None
+    ) -> dict:
+        """The record of one tuned model (``scorer_name`` keys the base's scores); with ``style``, also the share of
+        its images scoring above it."""
         record = {"eval_protocol": EVAL_PROTOCOL}
         for split, (prompts, seeds) in self.splits.items():
-            key = (split, scorer.__name__)
+            key = (split, scorer_name)
             if key not in self._base_scores:
                 self._base_scores[key] = self._scores(self.base, prompts, seeds, scorer)
             if lora is not None:
@@ -301,6 +313,7 @@ def stages(args) -> list[tuple[str, float, list[Arm]]]:
         order.append(("mismatch", 0.0, [make_arm(spec, args) for spec in args.mismatch_arms]))
     order += [("flips", rate, noise) for rate in noisy_rates[1:]]
     order += [("flips", rate, sweep) for rate in ([0.0] if 0.0 in args.flip_rates else []) + noisy_rates[:1]]
+    order += [(f"reward:{name}", 0.0, clean) for name in args.rewards]
     return [stage for stage in order if stage[2]]
 
 
@@ -321,6 +334,15 @@ def resumed_records(records_path: str, resume: bool) -> list[dict]:
     return current
 
 
+def experiment_reward(experiment: str) -> tuple[str, Callable]:
+    """The true reward an experiment is labelled and scored by: ``flips`` saturation, ``mismatch`` the frame,
+    ``reward:NAME`` the task's reward ``NAME`` (see `get_reward`)."""
+    if experiment == "mismatch":
+        return "frame", frame_scorer
+    name = experiment.partition(":")[2] or "saturation"
+    return name, get_reward(name)
+
+
 def run(args) -> list[dict]:
     os.makedirs(args.output_dir, exist_ok=True)
     records = resumed_records(os.path.join(args.output_dir, RECORDS), args.resume)
@@ -334,27 +356,29 @@ def run(args) -> list[dict]:
     base = StableDiffusionPipeline.from_pretrained(base_path)
     base.set_progress_bar_config(disable=True)
     evaluate = Evaluator(base, args.num_eval_seeds)
-    clean_pairs, mismatch_pairs = {}, {}
+    pairs: dict[tuple, object] = {}  # (experiment, seed) -> the pairs before any flips
     for experiment, flip_rate, arms in stages(args):
         for seed in args.seeds:
             for arm in [arm for arm in arms if (experiment, arm.name, flip_rate, seed) not in done]:
-                name = f"{arm.name.replace(':', '-')}-flip{flip_rate:g}-seed{seed}"
-                if experiment == "mismatch":
-                    if seed not in mismatch_pairs:
-                        mismatch_pairs[seed] = mismatched_pairs(base, args.num_pairs, seed=seed)
-                    dataset, folder = mismatch_pairs[seed], os.path.join(args.output_dir, f"mismatch-{name}")
-                else:
-                    if seed not in clean_pairs:
-                        clean_pairs[seed] = self_generated_pairs(base, args.num_pairs, seed=seed)
-                    dataset = flip_labels(clean_pairs[seed], flip_rate, args.flip_mode, seed=seed)
-                    folder = os.path.join(args.output_dir, name)
+                reward_name, scorer = experiment_reward(experiment)
+                if (experiment, seed) not in pairs:
+                    pairs[experiment, seed] = (
+                        mismatched_pairs(base, args.num_pairs, seed=seed)
+                        if experiment == "mismatch"
+                        else self_generated_pairs(base, args.num_pairs, seed=seed, reward=scorer)
+                    )
+                dataset = pairs[experiment, seed]
+                if experiment != "mismatch":  # the mismatch pairs are labelled by construction, never flipped
+                    dataset = flip_labels(dataset, flip_rate, args.flip_mode, seed=seed)
+                prefix = "" if experiment == "flips" else experiment.replace(":", "-") + "-"
+                folder = os.path.join(
+                    args.output_dir, f"{prefix}{arm.name.replace(':', '-')}-flip{flip_rate:g}-seed{seed}"
+                )
                 full = experiment == "mismatch" and not args.mismatch_lora
                 trainer, seconds = train(arm, base_path, dataset, folder, args, seed, full=full)
-                scorer = frame_scorer if experiment == "mismatch" else saturation_scorer
                 style = frame_threshold() if experiment == "mismatch" else None
-                evaluation = (
-                    evaluate(scorer, unet=folder, style=style) if full else evaluate(scorer, folder, style=style)
-                )
+                tuned = {"unet": folder} if full else {"lora": folder}
+                evaluation = evaluate(scorer, reward_name, style=style, **tuned)
                 records.append(record_run(experiment, arm, flip_rate, seed, trainer, seconds, evaluation, dataset))
     return records
 
@@ -457,6 +481,25 @@ def comparison_tables(records, args) -> list[str]:
     return lines
 
 
+def reward_tables(records) -> list[str]:
+    """Every clean arm's win rate under each true reward: saturation (the clean flips runs) and ``--rewards``."""
+    experiments = list(dict.fromkeys(r["experiment"] for r in records if r["experiment"].startswith("reward:")))
+    if not experiments:
+        return []
+    columns = [("flips", "saturation")] + [(e, e.partition(":")[2]) for e in experiments]
+    lines = []
+    for key, title in (("win_rate", "training prompts, unseen seeds"), ("heldout_win_rate", "held-out prompts")):
+        lines += ["", f"Win rate (%) by true reward, 0% flipped, {title}: mean [95% CI] (range over seeds)", ""]
+        lines += ["| arm | " + " | ".join(name for _, name in columns) + " |", "|---|" + "---|" * len(columns)]
+        for arm in dict.fromkeys(r["arm"] for r in records if r["experiment"] in experiments):
+            cells = []
+            for experiment, _ in columns:
+                selected = runs(records, experiment, arm, 0.0)
+                cells.append(fmt([r[key] for r in selected]) if selected else "—")
+            lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def mismatch_tables(records, args) -> list[str]:
     mismatch = [r for r in records if r["experiment"] == "mismatch"]
     if not mismatch:
@@ -556,6 +599,7 @@ def write_results(records: list[dict], args, argv: list[str], elapsed: float | N
             "has the higher true reward than the base with the same prompt and seed (ties ½).",
             *win_rate_tables(records),
             *comparison_tables(records, args),
+            *reward_tables(records),
             *mismatch_tables(records, args),
             *speed_lines(records),
             END,

@@ -175,19 +175,22 @@ def test_efficacy_benchmark_smoke(tmp_path):
     results = tmp_path / "RESULTS.md"
     results.write_text("# Benchmark results\n\nkept\n")
     records = efficacy.main(["--quick", "--output_dir", str(tmp_path / "out"), "--results", str(results)])
-    # Per seed (2): every registered method on clean pairs, the noise arms at 40%, DPO and MaPO under mismatch.
+    # Per seed (2): every registered method on clean pairs, the noise arms at 40%, DPO and MaPO under mismatch, and
+    # every method again on pairs labelled by another reward.
     clean = [r for r in records if r["experiment"] == "flips" and r["flip_rate"] == 0.0]
     assert {r["arm"] for r in clean} == set(METHODS)
     noisy = [r for r in records if r["experiment"] == "flips" and r["flip_rate"] == 0.4]
     assert sorted(r["arm"] for r in noisy) == ["adaptive", "adaptive", "dpo", "dpo"]
     assert all("auroc_u" in r for r in noisy if r["arm"] == "adaptive")
     assert {r["arm"] for r in records if r["experiment"] == "mismatch"} == {"dpo", "mapo"}
-    assert len(records) == 2 * (len(METHODS) + 2 + 2)
+    assert {r["arm"] for r in records if r["experiment"] == "reward:-size"} == set(METHODS)
+    assert len(records) == 2 * (len(METHODS) + 2 + 2 + len(METHODS))
     assert all(0 <= r["win_rate"] <= 1 and r["seconds_per_step"] > 0 for r in records)
     assert {r["eval_protocol"] for r in records} == {efficacy.EVAL_PROTOCOL}
     assert {r["settings"].get("beta") for r in records if r["method"] in ("dpo", "adaptive")} == {1000.0}
     text = results.read_text()
     assert "kept" in text and "| adaptive |" in text and "| adaptive − dpo |" in text and "MaPO − DPO" in text
+    assert "by true reward" in text and "| saturation | -size |" in text and "images with the frame" in text
     # Text, not values: an AUROC is NaN when the two quick steps leave no scored flipped pair (NaN != NaN).
     assert (tmp_path / "out" / "efficacy.json").read_text() == json.dumps(records, indent=1)
     efficacy.main(["--quick", "--output_dir", str(tmp_path / "out"), "--results", str(results)])
