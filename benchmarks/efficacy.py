@@ -137,9 +137,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--mapo_learning_rate", type=float, default=None, help="MaPO's lr; default: --learning_rate.")
     parser.add_argument(
         "--rewards",
-        nargs="*",
+        nargs="+",
+        action="extend",
         default=[],
-        help="Further true rewards (names of the task's REWARDS, '-' negates): every clean arm, 0%% flips.",
+        help="Further true rewards (names of the task's REWARDS): every clean arm, 0%% flips. A leading '-' negates "
+        "one, given as --rewards=-size (repeat --rewards for more).",
     )
     parser.add_argument("--label_smoothing", type=float, default=0.2, help="ε of the robust/conservative losses.")
     parser.add_argument("--num_pairs", type=int, default=256)
