@@ -64,6 +64,7 @@ from trl_diffusion.testing.synthetic import (
     flip_labels,
     frame_scorer,
     get_reward,
+    is_mirror_invariant,
     mismatched_pairs,
     pretrain_base_model,
     render_squares,
@@ -176,7 +177,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(arm: Arm, base_path: str, dataset, output_dir: str, args, seed: int, full: bool = False):
     """Train one arm at the shared budget (LoRA, or the full UNet with ``full``); return the trainer and its seconds
     per step. An unpaired method (Diffusion-KTO) reads each pair as two rows: twice the rows, the same images. The
-    arm's settings may override the learning rate (``--mapo_learning_rate``), never the budget."""
+    arm's settings may override the learning rate (``--mapo_learning_rate``), never the budget, and say whether the
+    pairs are mirrored at random (``random_flip``, on for a reward a mirror image does not change)."""
     settings = {"learning_rate": args.mismatch_learning_rate if full else args.learning_rate, **arm.settings}
     return train_on_task(
         arm.method,
@@ -187,7 +189,6 @@ def train(arm: Arm, base_path: str, dataset, output_dir: str, args, seed: int, f
         max_steps=args.max_steps,
         seed=seed,
         peft_config=None if full else LoraConfig(r=8, lora_alpha=8, init_lora_weights="gaussian"),
-        random_flip=True,
         **settings,
     )
 
@@ -363,6 +364,7 @@ def run(args) -> list[dict]:
         for seed in args.seeds:
             for arm in [arm for arm in arms if (experiment, arm.name, flip_rate, seed) not in done]:
                 reward_name, scorer = experiment_reward(experiment)
+                arm = Arm(arm.name, arm.method, {**arm.settings, "random_flip": is_mirror_invariant(scorer)})
                 if (experiment, seed) not in pairs:
                     pairs[experiment, seed] = (
                         mismatched_pairs(base, args.num_pairs, seed=seed)

@@ -18,7 +18,9 @@ from trl_diffusion.testing.synthetic import (
     TRAIN_COLOURS,
     brightness_scorer,
     caption,
+    frame_scorer,
     get_reward,
+    is_mirror_invariant,
     pretrain_base_model,
     render_squares,
     rightness_scorer,
@@ -50,6 +52,12 @@ def test_rewards_measure_what_they_say_on_known_pictures():
     assert get_reward("saturation") is saturation_scorer
     with pytest.raises(ValueError, match="Unknown reward 'sharpness'.*brightness"):
         get_reward("sharpness")
+
+
+def test_mirror_invariance_tells_which_rewards_survive_random_flip():
+    mirror_invariant = {name: is_mirror_invariant(get_reward(name)) for name in REWARDS}
+    assert mirror_invariant == {name: name != "rightness" for name in REWARDS}
+    assert is_mirror_invariant(frame_scorer) and not is_mirror_invariant(get_reward("-rightness"))
 
 
 def test_rendered_pictures_vary_independently_in_every_property():

@@ -164,6 +164,17 @@ REWARDS: dict[str, Scorer] = {
 """The rule-based true rewards of the task, by name (higher is preferred); any other scorer works as well."""
 
 
+def is_mirror_invariant(scorer: Scorer, num_pictures: int = 64) -> bool:
+    """Whether ``scorer`` gives each of ``num_pictures`` pictures of the task the same score as its left-right mirror
+    image. Training with ``random_flip`` mirrors both images of a pair, so it keeps a preference only for such a
+    reward: it erases `rightness_scorer`'s, for example."""
+    rng = np.random.default_rng(0)
+    pictures = render_squares(list(rng.choice(list(HUES), num_pictures)), rng)
+    scores = np.asarray(scorer([Image.fromarray(p) for p in pictures]), np.float64)
+    mirrored = np.asarray(scorer([Image.fromarray(np.ascontiguousarray(p[:, ::-1])) for p in pictures]), np.float64)
+    return bool(np.allclose(scores, mirrored, rtol=0, atol=1e-6))
+
+
 def get_reward(name: str) -> Scorer:
     """The reward called ``name``; a leading ``-`` negates it (``"-size"`` prefers small squares)."""
     sign, base_name = (-1.0, name[1:]) if name.startswith("-") else (1.0, name)
