@@ -57,11 +57,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="size",
         help=f"The true reward: one of {', '.join(REWARDS)}; a leading '-' prefers the opposite (--reward=-size).",
     )
-    parser.add_argument("--num_pairs", type=int, default=512)
-    parser.add_argument("--max_steps", type=int, default=300)
+    parser.add_argument("--num_pairs", type=int, default=384)
+    parser.add_argument("--max_steps", type=int, default=200)
     parser.add_argument("--learning_rate", type=float, default=1e-3)
     parser.add_argument("--beta", type=float, default=500.0, help="The method's beta (MaPO: its own default).")
-    parser.add_argument("--pretrain_steps", type=int, default=450)
+    parser.add_argument("--pretrain_steps", type=int, default=350)
     parser.add_argument("--num_eval_seeds", type=int, default=16, help="Unseen seeds per prompt for the evaluation.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the pre-training, the pairs and the LoRA.")
     args = parser.parse_args(argv)
