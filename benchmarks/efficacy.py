@@ -528,8 +528,12 @@ def mismatch_tables(records, args) -> list[str]:
         lines += [
             "",
             f"An image has the frame when its frame score exceeds {frame_threshold():.3f}, midway between "
-            "the task's pictures without and with the frame; the base's images: "
-            f"{100 * min(base):.1f}–{100 * max(base):.1f}% with the frame.",
+            "the task's pictures without and with the frame; "
+            + (
+                "none of the base's images has it."
+                if max(base) == 0
+                else f"{100 * min(base):.1f}–{100 * max(base):.1f}% of the base's images have it."
+            ),
         ]
     lines += [""]
     for key, title in measures:
