@@ -361,10 +361,15 @@ def run(args) -> list[dict]:
     evaluate = Evaluator(base, args.num_eval_seeds)
     pairs: dict[tuple, object] = {}  # (experiment, seed) -> the pairs before any flips
     for experiment, flip_rate, arms in stages(args):
+        # What the whole stage shares: its reward, whether its pairs may be mirrored, how its models are tuned.
+        reward_name, scorer = experiment_reward(experiment)
+        random_flip = is_mirror_invariant(scorer)
+        arms = [Arm(arm.name, arm.method, {**arm.settings, "random_flip": random_flip}) for arm in arms]
+        full = experiment == "mismatch" and not args.mismatch_lora
+        style = frame_threshold() if experiment == "mismatch" else None
+        prefix = "" if experiment == "flips" else experiment.replace(":", "-") + "-"
         for seed in args.seeds:
             for arm in [arm for arm in arms if (experiment, arm.name, flip_rate, seed) not in done]:
-                reward_name, scorer = experiment_reward(experiment)
-                arm = Arm(arm.name, arm.method, {**arm.settings, "random_flip": is_mirror_invariant(scorer)})
                 if (experiment, seed) not in pairs:
                     pairs[experiment, seed] = (
                         mismatched_pairs(base, args.num_pairs, seed=seed)
@@ -374,13 +379,10 @@ def run(args) -> list[dict]:
                 dataset = pairs[experiment, seed]
                 if experiment != "mismatch":  # the mismatch pairs are labelled by construction, never flipped
                     dataset = flip_labels(dataset, flip_rate, args.flip_mode, seed=seed)
-                prefix = "" if experiment == "flips" else experiment.replace(":", "-") + "-"
                 folder = os.path.join(
                     args.output_dir, f"{prefix}{arm.name.replace(':', '-')}-flip{flip_rate:g}-seed{seed}"
                 )
-                full = experiment == "mismatch" and not args.mismatch_lora
                 trainer, seconds = train(arm, base_path, dataset, folder, args, seed, full=full)
-                style = frame_threshold() if experiment == "mismatch" else None
                 tuned = {"unet": folder} if full else {"lora": folder}
                 evaluation = evaluate(scorer, reward_name, style=style, **tuned)
                 records.append(record_run(experiment, arm, flip_rate, seed, trainer, seconds, evaluation, dataset))
